@@ -1,0 +1,354 @@
+"""Reading and writing SDXL single-file checkpoints (Stability's SGM key layout).
+
+Loading is strict and lean: the networks are built on the `meta` device, each tensor is read from
+the memory-mapped safetensors file straight into its target dtype and device, and the modules take
+the tensors with `load_state_dict(assign=True)`, so peak memory is the weights plus one tensor.
+Every key is checked both ways; a file that does not fit gets one `CheckpointError` naming the file
+and listing missing, unexpected and mis-shaped keys. Pickled `.ckpt` files are refused (unpickling
+runs code). Key layout: ../shared/sdxl/keys_{base,refiner}.tsv; FACTS.md §1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import clip
+from .config import BASE, REFINER, TINY_BASE, TINY_REFINER, SDXLConfig
+from .errors import CheckpointError
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+
+
+def clip_g_prefix(cfg: SDXLConfig) -> str:
+    return "conditioner.embedders.0.model." if cfg.is_refiner else "conditioner.embedders.1.model."
+
+
+# Keys that community files add beside the official tensors and that carry nothing we use:
+# LDM's diffusion-schedule buffers (the schedule is fixed for SDXL: FACTS.md §7), SGM's denoiser
+# table, EMA bookkeeping. Keys that would change the maths (v_pred, ztsnr, edm_vpred.*) are not here:
+# such a file is refused rather than sampled wrongly.
+IGNORED_EXTRA_KEYS = frozenset(
+    [
+        "alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
+        "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+        "posterior_variance", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "denoiser.sigmas",
+        "model_ema.decay", "model_ema.num_updates",
+    ]
+)
+UNSUPPORTED_KEYS = {
+    "v_pred": "a v-prediction model",
+    "ztsnr": "a zero-terminal-SNR model",
+    "edm_vpred.sigma_max": "an EDM v-prediction model",
+    "edm_mean": "an EDM model",
+}
+
+KNOWN_CONFIGS = (BASE, REFINER, TINY_BASE, TINY_REFINER)
+
+
+@dataclass
+class SDXLCheckpoint:
+    """The networks of one SDXL checkpoint, ready to run."""
+
+    config: SDXLConfig
+    unet: UNetModel
+    vae: AutoencoderKL
+    clip_l: nn.Module | None  # transformers CLIPTextModel; None for the refiner
+    clip_g: nn.Module  # transformers CLIPTextModelWithProjection
+    path: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Opening a file
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a single .safetensors checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: this is a pickled PyTorch checkpoint (.ckpt/.pt); pickles can run arbitrary code "
+            "when loaded, so sdxl-nodes refuses them. Use the .safetensors release of the model "
+            "(sd_xl_base_1.0.safetensors / sd_xl_refiner_1.0.safetensors) or convert it in a trusted environment."
+        )
+    size = path.stat().st_size
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors file (truncated download?)")
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len <= 1 or head[8:9] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors file (its first bytes are not a safetensors header)")
+    if 8 + header_len > size:
+        raise CheckpointError(
+            f"{path}: truncated: the header says {header_len} header bytes but the file has {size} bytes in all. "
+            "Download the file again."
+        )
+
+
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, read from the header alone."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' own parse errors (bad JSON, offsets past the end, ...)
+        msg = str(e)
+        hint = " The file looks truncated: download it again." if "incomplete" in msg or "past" in msg else ""
+        raise CheckpointError(f"{path}: cannot read it as safetensors: {msg}.{hint}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Telling what a file is
+
+
+def detect(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> SDXLConfig:
+    """The architecture of a checkpoint, from two or three tensor shapes."""
+    for key, what in UNSUPPORTED_KEYS.items():
+        if key in shapes:
+            raise CheckpointError(f"{path}: key '{key}' marks {what}; sdxl-nodes runs SDXL 1.0 eps-prediction checkpoints only")
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    label = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
+    if conv_in is None:
+        if any(k.startswith("model.diffusion_model.") for k in shapes) or not shapes:
+            raise CheckpointError(f"{path}: no UNet input conv ('{UNET_PREFIX}input_blocks.0.0.weight'); the file is incomplete")
+        sample = ", ".join(sorted(shapes)[:3])
+        raise CheckpointError(
+            f"{path}: not an SDXL checkpoint in Stability's single-file layout (no '{UNET_PREFIX}*' keys; "
+            f"first keys: {sample}). A diffusers folder, LoRA, VAE-only or UNet-only file needs another loader."
+        )
+    if label is None:
+        to_k = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+        ctx = to_k[1] if to_k else None
+        family = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(ctx, "a non-SDXL model")
+        raise CheckpointError(
+            f"{path}: this is {family} checkpoint (UNet context width {ctx}, no SDXL size conditioning); "
+            "sdxl-nodes loads SDXL base and refiner checkpoints only"
+        )
+    for cfg in KNOWN_CONFIGS:
+        u = cfg.unet
+        if conv_in == (u.model_channels, u.in_channels, 3, 3) and label == (u.time_embed_dim, u.adm_in_channels):
+            return cfg
+    raise CheckpointError(
+        f"{path}: unknown SDXL-like UNet (input conv {list(conv_in)}, label embedding {list(label)}); expected "
+        f"base [320, 4, 3, 3] with [1280, 2816] or refiner [384, 4, 3, 3] with [1536, 2560]"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Building the networks and mapping file keys to module keys
+
+
+def build_modules(cfg: SDXLConfig, device: str | torch.device = "meta") -> dict[str, nn.Module]:
+    with torch.device(device):
+        mods = {"unet": UNetModel(cfg.unet).eval().requires_grad_(False), "vae": AutoencoderKL(cfg.vae).eval().requires_grad_(False)}
+        if cfg.clip_l is not None:
+            mods["clip_l"] = clip.build_text_encoder(cfg.clip_l)
+        mods["clip_g"] = clip.build_text_encoder(cfg.clip_g)
+    return mods
+
+
+def _prefixes(cfg: SDXLConfig) -> dict[str, str]:
+    p = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip_g": clip_g_prefix(cfg)}
+    if cfg.clip_l is not None:
+        p["clip_l"] = CLIP_L_PREFIX
+    return p
+
+
+def split_keys(file_keys, cfg: SDXLConfig) -> tuple[dict[str, list[str]], list[str]]:
+    """File keys grouped by network (ignored extras dropped); the keys no network claims."""
+    groups: dict[str, list[str]] = {name: [] for name in _prefixes(cfg)}
+    unclaimed = []
+    for key in file_keys:
+        for name, prefix in _prefixes(cfg).items():
+            if key.startswith(prefix):
+                groups[name].append(key)
+                break
+        else:
+            if key not in IGNORED_EXTRA_KEYS and not key.startswith("model_ema."):
+                unclaimed.append(key)
+    return groups, unclaimed
+
+
+def _to_module_keys(name: str, rel: dict, module: nn.Module) -> dict:
+    """File-relative key → value, renamed to the module's keys (values may be shapes or tensors)."""
+    if name == "clip_l":
+        return clip.clip_l_to_hf(rel, module)
+    if name == "clip_g":
+        return clip.openclip_to_hf(rel, module)
+    return rel
+
+
+def check_keys(shapes: dict[str, tuple[int, ...]], cfg: SDXLConfig, modules: dict[str, nn.Module], path: str) -> None:
+    """Strict two-way check of a file's keys and shapes against the modules; one error for all problems."""
+    groups, unclaimed = split_keys(shapes, cfg)
+    missing, unexpected, misshaped = [], [f"{k}" for k in unclaimed], []
+    for name, module in modules.items():
+        prefix = _prefixes(cfg)[name]
+        rel = {k[len(prefix):]: torch.empty(shapes[k], device="meta") for k in groups[name]}
+        try:
+            converted = _to_module_keys(name, rel, module)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        missing += [f"{name}: {k}" for k in expected if k not in converted]
+        unexpected += [f"{name}: {k}" for k in converted if k not in expected]
+        misshaped += [
+            f"{name}: {k} {list(converted[k].shape)} (expected {list(expected[k])})"
+            for k in expected
+            if k in converted and tuple(converted[k].shape) != expected[k]
+        ]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                shown = "; ".join(items[:5]) + (f"; … {len(items) - 5} more" if len(items) > 5 else "")
+                parts.append(f"{len(items)} {label}: {shown}")
+        raise CheckpointError(
+            f"{path}: does not match the SDXL {cfg.kind} layout: " + " | ".join(parts)
+            + ". The file may be damaged or a different model; re-download the official release."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Loading
+
+
+def _materialize_buffers(module: nn.Module, device) -> None:
+    """Recreate the non-persistent buffers still on `meta` after assign-loading (CLIP's position_ids)."""
+    for mod_name, mod in module.named_modules():
+        for buf_name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.device.type != "meta":
+                continue
+            if buf_name == "position_ids":
+                mod.register_buffer(buf_name, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False)
+            else:
+                raise CheckpointError(f"internal: buffer {mod_name}.{buf_name} was not loaded")
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    unet_dtype: torch.dtype = torch.float32,
+    text_dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+) -> SDXLCheckpoint:
+    """Load an SDXL base or refiner single-file checkpoint; each network in its own dtype."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    shapes = read_shapes(path)
+    cfg = detect(shapes, str(path))
+    modules = build_modules(cfg)
+    check_keys(shapes, cfg, modules, str(path))
+    dtypes = {"unet": unet_dtype, "vae": vae_dtype, "clip_l": text_dtype, "clip_g": text_dtype}
+    groups, _ = split_keys(shapes, cfg)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name, module in modules.items():
+            prefix = _prefixes(cfg)[name]
+            rel = {}
+            for key in groups[name]:
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    t = t.to(device=device, dtype=dtypes[name])  # one tensor at a time: no full fp32 copy
+                rel[key[len(prefix):]] = t
+            sd = _to_module_keys(name, rel, module)
+            module.load_state_dict(sd, strict=True, assign=True)
+            _materialize_buffers(module, device)
+            del rel, sd
+    ckpt = SDXLCheckpoint(config=cfg, path=str(path), clip_l=modules.pop("clip_l", None), **modules)
+    ckpt.stats["load_seconds"] = time.perf_counter() - t0
+    log.info("loaded %s (%s) in %.1f s", path, cfg.kind, ckpt.stats["load_seconds"])
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Writing random checkpoints in the official layout (tests, `sdxl-nodes demo`, benchmarks)
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Small random values with sane activations; norm weights jittered around 1 (FACTS.md §13)."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = any(s in name for s in ("norm", "ln_", "layer_norm", "in_layers.0.", "out_layers.0.", ".out.0."))
+    if is_norm and leaf == "weight" and len(shape) == 1:
+        return 1.0 + 0.05 * torch.randn(shape, generator=gen)
+    if leaf == "logit_scale":
+        return torch.tensor(4.6052)
+    if len(shape) == 1:
+        return 0.02 * torch.randn(shape, generator=gen)
+    if "embedding" in name:
+        return 0.02 * torch.randn(shape, generator=gen)
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    return torch.randn(shape, generator=gen) / fan_in**0.5
+
+
+def file_layout(cfg: SDXLConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of an official-layout file for this config (without position_ids)."""
+    layout: dict[str, tuple[int, ...]] = {}
+    for name, module in build_modules(cfg).items():
+        sd = module.state_dict()  # meta tensors: the conversions below only touch shapes
+        if name == "clip_l":
+            hp = clip.hf_prefix(module)
+            sd = {"text_model." + k[len(hp):]: v for k, v in sd.items()}
+        elif name == "clip_g":
+            sd = clip.hf_to_openclip(sd, module)
+            sd["logit_scale"] = torch.empty((), device="meta")
+        layout.update({_prefixes(cfg)[name] + k: tuple(v.shape) for k, v in sd.items()})
+    return layout
+
+
+def write_random_checkpoint(
+    path: str | os.PathLike, cfg: SDXLConfig, *, seed: int = 0, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write a random-weight checkpoint with the official key names, deterministic from `seed`.
+
+    Written to a temporary name and renamed, so a crash never leaves half a file behind.
+    """
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in file_layout(cfg).items():
+        tensors[key] = _init_tensor(key, shape, gen).to(dtype).contiguous()
+    if cfg.clip_l is not None:  # transformers 4.x wrote this int64 buffer into the released file
+        tensors[CLIP_L_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(cfg.clip_l.max_length)[None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "sdxl_nodes.random": f"{cfg.kind} seed={seed}"})
+    os.replace(tmp, path)
+    return path
+
+
+def write_tiny_checkpoints(folder: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """A tiny base + refiner pair (a few MB each) named like the official files."""
+    folder = Path(folder)
+    return {
+        "base": write_random_checkpoint(folder / "sd_xl_base_1.0.safetensors", TINY_BASE, seed=seed, dtype=dtype),
+        "refiner": write_random_checkpoint(folder / "sd_xl_refiner_1.0.safetensors", TINY_REFINER, seed=seed + 1, dtype=dtype),
+    }

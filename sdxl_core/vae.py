@@ -1,0 +1,173 @@
+"""The SDXL VAE (AutoencoderKL, f=8, 4 latent channels), with SGM attribute names.
+
+Names equal the keys under `first_stage_model.` in the official files. References: SGM
+`sgm/modules/diffusionmodules/model.py` (Encoder, Decoder, ResnetBlock, AttnBlock) and
+`sgm/models/autoencoder.py`; FACTS.md §6. Latents here are RAW (ComfyUI's LATENT convention): the
+0.13025 scale is applied by the sampler, not by encode/decode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+from .config import VAEConfig
+
+
+def norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, ch, eps=1e-6)  # every VAE GroupNorm: eps 1e-6
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ch_in: int, ch_out: int):
+        super().__init__()
+        self.norm1 = norm(ch_in)
+        self.conv1 = nn.Conv2d(ch_in, ch_out, 3, padding=1)
+        self.norm2 = norm(ch_out)
+        self.conv2 = nn.Conv2d(ch_out, ch_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H·W positions, 1×1-conv projections."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = norm(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.norm(x)
+        q, k, v = (rearrange(f(t), "b c h w -> b (h w) c") for f in (self.q, self.k, self.v))  # (B, HW, C)
+        out = rearrange(attention(q, k, v, heads=1), "b (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric: pad right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: `block` ResnetBlocks and an optional `downsample`/`upsample` (SGM names)."""
+
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()  # attn_resolutions is empty for SDXL: parameter-free
+        if resample is not None:
+            setattr(self, resample_name, resample)
+
+
+class Mid(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        ch = cfg.ch
+        for i, ch_out in enumerate(chs):
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(ch, ch_out))
+                ch = ch_out
+            last = i == len(chs) - 1
+            self.down.append(Level(blocks, None if last else Downsample(ch), "downsample"))
+        self.mid = Mid(ch)
+        self.norm_out = norm(ch)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult]
+        ch = chs[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = Mid(ch)
+        levels = []
+        for i in reversed(range(len(chs))):  # deepest first; stored so that up[i] is level i
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(ch, chs[i]))
+                ch = chs[i]
+            levels.insert(0, Level(blocks, Upsample(ch) if i else None, "upsample"))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = norm(ch)
+        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """encode: pixels in [-1, 1] (B, 3, H, W) → raw latent (posterior mean) (B, 4, H/8, W/8).
+    decode: raw latent → pixels in about [-1, 1]."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        moments = self.quant_conv(self.encoder(pixels.to(self.dtype)))
+        return moments[:, : self.cfg.embed_dim].float()  # posterior mode = mean; logvar unused
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latent.to(self.dtype))).float()
