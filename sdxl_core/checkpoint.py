@@ -89,23 +89,24 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    size = path.stat().st_size
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if len(head) >= 9 and head[8:9] == b"{" and header_len > 1:
+        if 8 + header_len > size:
+            raise CheckpointError(
+                f"{path}: truncated: the header says {header_len} header bytes but the file has {size} bytes "
+                "in all. Download the file again."
+            )
+        return
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise CheckpointError(
             f"{path}: this is a pickled PyTorch checkpoint (.ckpt/.pt); pickles can run arbitrary code "
             "when loaded, so sdxl-nodes refuses them. Use the .safetensors release of the model "
             "(sd_xl_base_1.0.safetensors / sd_xl_refiner_1.0.safetensors) or convert it in a trusted environment."
         )
-    size = path.stat().st_size
-    if len(head) < 8:
+    if size < 9:
         raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors file (truncated download?)")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len <= 1 or head[8:9] != b"{":
-        raise CheckpointError(f"{path}: not a safetensors file (its first bytes are not a safetensors header)")
-    if 8 + header_len > size:
-        raise CheckpointError(
-            f"{path}: truncated: the header says {header_len} header bytes but the file has {size} bytes in all. "
-            "Download the file again."
-        )
+    raise CheckpointError(f"{path}: not a safetensors file (its first bytes are not a safetensors header)")
 
 
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random SDXL checkpoints in the official key layout, written once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{'base': Path, 'refiner': Path} of tiny fp32 checkpoints named like the official files."""
+    from sdxl_nodes.sdxl_core.checkpoint import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("models"), seed=1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_checkpoints):
+    from sdxl_nodes.sdxl_core.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoints["base"])
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner(tiny_checkpoints):
+    from sdxl_nodes.sdxl_core.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoints["refiner"])
