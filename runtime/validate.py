@@ -1,0 +1,436 @@
+"""Prompt validation before anything loads, with ComfyUI's error shapes.
+
+:func:`validate_prompt` returns ``(ok, error, node_errors, outputs_to_execute)``:
+
+* ``error`` — ``None`` or ``{"type", "message", "details", "extra_info"}`` with type
+  ``invalid_prompt``, ``missing_node_type``, ``prompt_no_outputs`` or
+  ``prompt_outputs_failed_validation``;
+* ``node_errors`` — ``{node_id: {"errors": [...], "dependent_outputs": [...], "class_type"}}``,
+  each error ``{"type", "message", "details", "extra_info": {"input_name", "input_config",
+  "received_value", ...}}``;
+* ``outputs_to_execute`` — the output node ids that passed (ComfyUI runs those and reports the
+  rest in ``node_errors``; ``ok`` is False only when none passed).
+
+Messages, types and the rules (``*`` matches anything, comma-separated types are unions, literal
+coercion with ``int()``/``float()``/``str()``, min/max and combo checks skipped for inputs that
+``VALIDATE_INPUTS`` takes over) follow ComfyUI ``execution.py`` ``validate_inputs`` /
+``validate_prompt`` and ``comfy_execution/validation.py``. Deliberate differences, all in the
+direction of reporting more and crashing less: every error of every node is collected at once;
+dangling links and bad output indices are ``bad_linked_input`` (ComfyUI raises); cycles are
+``dependency_cycle`` on each node of the cycle (ComfyUI only finds them while running); all
+unknown node types are listed (ComfyUI stops at the first); BOOLEAN accepts the strings
+``"true"``/``"false"`` and rejects other strings (ComfyUI's ``bool("false")`` is True).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import traceback
+from typing import Any, Iterable, Mapping
+
+from .nodeinfo import iter_input_specs, to_json_value
+
+__all__ = [
+    "coerce_literal",
+    "full_type_name",
+    "is_link",
+    "types_compatible",
+    "validate_prompt",
+]
+
+log = logging.getLogger(__name__)
+
+
+def is_link(value: Any) -> bool:
+    """A prompt input ``[source_id, output_index]`` (a literal list would be ``{"__value__": [...]}``)."""
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def full_type_name(cls: type) -> str:
+    """``module.QualName`` (builtins without module), as ComfyUI reports exception types."""
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def types_compatible(received: Any, expected: Any) -> bool:
+    """Whether an output of type ``received`` may feed an input of type ``expected``."""
+    if received == expected:
+        return True
+    if received == "*" or expected == "*":
+        return True
+    if isinstance(expected, list):  # combo input: fed by a combo output or a generic one
+        return received in ("COMBO", "STRING") or isinstance(received, list)
+    if isinstance(received, list) and expected == "COMBO":
+        return True
+    if not isinstance(received, str) or not isinstance(expected, str):
+        return False
+    got = {t.strip() for t in received.split(",")}
+    want = {t.strip() for t in expected.split(",")}
+    return "*" in got or "*" in want or bool(got & want)
+
+
+def coerce_literal(input_type: Any, value: Any) -> Any:
+    """A widget literal converted to its declared type (raises ``ValueError``/``TypeError``)."""
+    if isinstance(value, dict) and "__value__" in value:
+        value = value["__value__"]
+    if input_type == "INT":
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        return int(value)
+    if input_type == "FLOAT":
+        return float(value)
+    if input_type == "STRING":
+        return str(value)
+    if input_type == "BOOLEAN":
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            raise ValueError(f"{value!r} is not a boolean (true/false)")
+        return bool(value)
+    return value
+
+
+def _error(etype: str, message: str, details: str, **extra_info: Any) -> dict:
+    return {"type": etype, "message": message, "details": details, "extra_info": extra_info}
+
+
+def _input_config(input_type: Any, options: dict) -> list:
+    return to_json_value([input_type, options])
+
+
+def _function_args(fn: Any) -> tuple[list[str], bool]:
+    try:
+        spec = inspect.getfullargspec(fn)
+    except TypeError:
+        return [], True
+    return spec.args, spec.varkw is not None
+
+
+class _Validator:
+    def __init__(self, prompt: Mapping[str, dict], node_classes: Mapping[str, type]):
+        self.prompt = prompt
+        self.classes = node_classes
+        self.results: dict[str, tuple[bool, list[dict]]] = {}
+        self.cycle_errors: dict[str, list[dict]] = {}
+
+    # -- cycles -------------------------------------------------------------------------------
+
+    def find_cycles(self, roots: Iterable[str]) -> None:
+        """Mark each input that closes a link cycle (reachable from ``roots``) with ``dependency_cycle``.
+
+        Strongly connected components (Tarjan, iterative); a component with more than one node, or
+        a node linked to itself, is a cycle.
+        """
+        index: dict[str, int] = {}
+        low: dict[str, int] = {}
+        on_stack: set[str] = set()
+        stack: list[str] = []
+        components: list[list[str]] = []
+
+        def deps(nid: str) -> list[str]:
+            return [v[0] for v in (self.prompt[nid].get("inputs") or {}).values()
+                    if is_link(v) and v[0] in self.prompt]
+
+        for root in roots:
+            if root in index:
+                continue
+            work = [(root, iter(deps(root)))]
+            index[root] = low[root] = len(index)
+            stack.append(root)
+            on_stack.add(root)
+            while work:
+                nid, children = work[-1]
+                child = next(children, None)
+                if child is not None:
+                    if child not in index:
+                        index[child] = low[child] = len(index)
+                        stack.append(child)
+                        on_stack.add(child)
+                        work.append((child, iter(deps(child))))
+                    elif child in on_stack:
+                        low[nid] = min(low[nid], index[child])
+                    continue
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[nid])
+                if low[nid] == index[nid]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == nid:
+                            break
+                    components.append(component)
+
+        for component in components:
+            members = set(component)
+            if len(component) == 1 and component[0] not in deps(component[0]):
+                continue
+            path = " -> ".join(f"#{m}" for m in sorted(members, key=_natural))
+            for member in component:
+                for name, value in (self.prompt[member].get("inputs") or {}).items():
+                    if is_link(value) and value[0] in members:
+                        self.cycle_errors.setdefault(member, []).append(_error(
+                            "dependency_cycle", "Dependency cycle detected",
+                            f"{name}: node #{member} depends on itself (cycle through {path})",
+                            input_name=name, input_config=None, received_value=value,
+                        ))
+
+    # -- one node -----------------------------------------------------------------------------
+
+    def validate_node(self, node_id: str) -> tuple[bool, list[dict]]:
+        if node_id in self.results:
+            return self.results[node_id]
+        self.results[node_id] = (False, [])  # provisional: guards against cycles
+        node = self.prompt[node_id]
+        cls = self.classes[node["class_type"]]
+        inputs = node.get("inputs") or {}
+        errors: list[dict] = list(self.cycle_errors.get(node_id, []))
+        upstream_ok = True
+        try:
+            input_types = cls.INPUT_TYPES()
+            validate_fn = getattr(cls, "VALIDATE_INPUTS", None)
+            fn_args, fn_kwargs = _function_args(validate_fn) if validate_fn is not None else ([], False)
+            received_types: dict[str, Any] = {}
+            for category, name, input_type, options in iter_input_specs(input_types):
+                if category == "hidden":
+                    continue
+                info = _input_config(input_type, options)
+                if name not in inputs:
+                    if category == "required":
+                        errors.append(_error("required_input_missing", "Required input is missing", name,
+                                             input_name=name))
+                    continue
+                value = inputs[name]
+                if isinstance(value, list):  # a link (literal lists arrive as {"__value__": [...]})
+                    ok = self._check_link(node_id, name, value, input_type, info, fn_args, errors, received_types)
+                    upstream_ok = upstream_ok and ok
+                    continue
+                self._check_literal(name, value, input_type, options, info, fn_args, fn_kwargs, errors)
+            if validate_fn is not None and (fn_args or fn_kwargs):
+                self._custom_validation(node_id, cls, validate_fn, input_types, inputs, fn_args, fn_kwargs,
+                                        received_types, errors)
+        except Exception as ex:  # a broken INPUT_TYPES / VALIDATE_INPUTS must not crash validation
+            errors.append(_error(
+                "exception_during_validation", "Exception when validating node", str(ex),
+                exception_type=full_type_name(type(ex)), traceback=traceback.format_tb(ex.__traceback__),
+            ))
+        result = (not errors and upstream_ok, errors)
+        self.results[node_id] = result
+        return result
+
+    def _check_link(self, node_id, name, value, input_type, info, fn_args, errors, received_types) -> bool:
+        if not is_link(value):
+            errors.append(_error(
+                "bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                name, input_name=name, input_config=info, received_value=value,
+            ))
+            return True
+        src_id, slot = value
+        src = self.prompt.get(src_id)
+        if src is None:
+            errors.append(_error(
+                "bad_linked_input", "Bad linked input, the linked node does not exist",
+                f"{name}: node #{src_id} is not in the prompt", input_name=name, input_config=info,
+                received_value=value,
+            ))
+            return True
+        src_cls = self.classes.get(src.get("class_type"))
+        if src_cls is None:
+            return False  # reported as missing_node_type already
+        return_types = getattr(src_cls, "RETURN_TYPES", ())
+        if not 0 <= slot < len(return_types):
+            errors.append(_error(
+                "bad_linked_input", "Bad linked input, the linked node has no such output",
+                f"{name}: node #{src_id} ({src['class_type']}) has {len(return_types)} output(s), "
+                f"link asks for output {slot}",
+                input_name=name, input_config=info, received_value=value,
+            ))
+            return True
+        received = return_types[slot]
+        received_types[name] = received
+        if "input_types" not in fn_args and not types_compatible(received, input_type):
+            errors.append(_error(
+                "return_type_mismatch", "Return type mismatch between linked nodes",
+                f"{name}, received_type({received}) mismatch input_type({input_type})",
+                input_name=name, input_config=info, received_type=received, linked_node=value,
+            ))
+            return True
+        ok, _ = self.validate_node(src_id)  # a cycle ends at the provisional result of validate_node
+        return ok
+
+    def _check_literal(self, name, value, input_type, options, info, fn_args, fn_kwargs, errors) -> None:
+        try:
+            value = coerce_literal(input_type, value)
+        except (ValueError, TypeError, OverflowError) as ex:
+            errors.append(_error(
+                "invalid_input_type", f"Failed to convert an input value to a {input_type} value",
+                f"{name}, {value}, {ex}", input_name=name, input_config=info, received_value=value,
+                exception_message=str(ex),
+            ))
+            return
+        if name in fn_args or fn_kwargs:
+            return  # VALIDATE_INPUTS takes over range and list checks for this input
+        if "min" in options and _comparable(value) and value < options["min"]:
+            errors.append(_error(
+                "value_smaller_than_min", f"Value {value} smaller than min of {options['min']}", name,
+                input_name=name, input_config=info, received_value=value,
+            ))
+            return
+        if "max" in options and _comparable(value) and value > options["max"]:
+            errors.append(_error(
+                "value_bigger_than_max", f"Value {value} bigger than max of {options['max']}", name,
+                input_name=name, input_config=info, received_value=value,
+            ))
+            return
+        if isinstance(input_type, list) or input_type == "COMBO":
+            choices = input_type if isinstance(input_type, list) else options.get("options", [])
+            if value not in choices:
+                big = len(choices) > 20
+                list_info = f"(list of length {len(choices)})" if big else str(choices)
+                errors.append(_error(
+                    "value_not_in_list", "Value not in list", f"{name}: '{value}' not in {list_info}",
+                    input_name=name, input_config=None if big else info, received_value=value,
+                ))
+
+    def _custom_validation(self, node_id, cls, validate_fn, input_types, inputs, fn_args, fn_kwargs,
+                           received_types, errors) -> None:
+        kwargs: dict[str, Any] = {}
+        for category, name, input_type, _options in iter_input_specs(input_types):
+            if category == "hidden":
+                if name in fn_args and input_type == "UNIQUE_ID":
+                    kwargs[name] = node_id
+                continue
+            if name not in inputs or not (name in fn_args or fn_kwargs):
+                continue
+            value = inputs[name]
+            if isinstance(value, list):
+                kwargs[name] = None  # linked: not known before execution (ComfyUI passes None too)
+            else:
+                try:
+                    kwargs[name] = coerce_literal(input_type, value)
+                except (ValueError, TypeError, OverflowError):
+                    kwargs[name] = value
+        if "input_types" in fn_args:
+            kwargs["input_types"] = received_types
+        try:
+            result = validate_fn(**kwargs)
+        except Exception as ex:
+            errors.append(_error(
+                "exception_during_validation", "Exception when validating node", str(ex),
+                exception_type=full_type_name(type(ex)), traceback=traceback.format_tb(ex.__traceback__),
+            ))
+            return
+        if result is True:
+            return
+        for name in kwargs:
+            details = name if result is False else f"{name} - {result}"
+            errors.append(_error("custom_validation_failed", "Custom validation failed for node", details,
+                                 input_name=name))
+
+
+def _comparable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _natural(node_id: str) -> tuple:
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def validate_prompt(
+    prompt: Any,
+    node_classes: Mapping[str, type],
+    partial_execution_targets: Iterable[str] | None = None,
+) -> tuple[bool, dict | None, dict[str, dict], list[str]]:
+    """Validate an API prompt; see the module docstring for the returned shapes.
+
+    ``partial_execution_targets`` restricts the outputs to those ids (the editor's "run selected
+    outputs"). Nothing is executed and no node function is called except ``INPUT_TYPES`` and
+    ``VALIDATE_INPUTS``.
+    """
+    # 1. Structure and node types.
+    if not isinstance(prompt, Mapping):
+        return False, _error("invalid_prompt", "Prompt must be an object of nodes",
+                                 f"got {type(prompt).__name__}"), {}, []
+    for node_id, node in prompt.items():
+        if not isinstance(node, Mapping) or "class_type" not in node:
+            return False, _error(
+                "invalid_prompt", "Cannot execute because a node is missing the class_type property.",
+                f"Node ID '#{node_id}'"), {}, []
+        if not isinstance(node.get("inputs", {}), Mapping):
+            return False, _error("invalid_prompt", "Node inputs must be an object",
+                                     f"Node ID '#{node_id}'"), {}, []
+    missing = [(nid, n["class_type"]) for nid, n in prompt.items() if n["class_type"] not in node_classes]
+    if missing:
+        node_errors = {}
+        for nid, ctype in missing:
+            title = (prompt[nid].get("_meta") or {}).get("title", ctype)
+            node_errors[nid] = {
+                "errors": [_error("missing_node_type",
+                                  f"Node '{ctype}' not found. The custom node may not be installed.",
+                                  f"Node ID '#{nid}'", node_id=nid, class_type=ctype, node_title=title)],
+                "dependent_outputs": [],
+                "class_type": ctype,
+            }
+        nid, ctype = missing[0]
+        types = sorted({c for _, c in missing})
+        error = _error(
+            "missing_node_type",
+            f"Node '{ctype}' not found. The custom node may not be installed." if len(types) == 1 else
+            f"Nodes not found: {', '.join(types)}. The custom nodes may not be installed.",
+            "; ".join(f"Node ID '#{i}': {c}" for i, c in missing),
+            node_id=nid, class_type=ctype, node_title=(prompt[nid].get("_meta") or {}).get("title", ctype),
+        )
+        return False, error, node_errors, []
+
+    # 2. Output nodes.
+    targets = None if partial_execution_targets is None else {str(t) for t in partial_execution_targets}
+    outputs = [
+        nid for nid, n in prompt.items()
+        if getattr(node_classes[n["class_type"]], "OUTPUT_NODE", False) is True
+        and (targets is None or nid in targets)
+    ]
+    if not outputs:
+        return False, _error("prompt_no_outputs", "Prompt has no outputs", ""), {}, []
+
+    # 3. Every node reachable from an output; all errors collected.
+    validator = _Validator(prompt, node_classes)
+    validator.find_cycles(outputs)
+    good: list[str] = []
+    node_errors: dict[str, dict] = {}
+    for out in outputs:
+        ok, _ = validator.validate_node(out)
+        if ok:
+            good.append(out)
+            continue
+        for nid in _upstream(prompt, out):
+            valid, reasons = validator.results.get(nid, (True, []))
+            if valid or not reasons:
+                continue  # nodes downstream of an error are invalid but carry no errors of their own
+            entry = node_errors.setdefault(nid, {"errors": reasons, "dependent_outputs": [],
+                                                 "class_type": prompt[nid]["class_type"]})
+            entry["dependent_outputs"].append(out)
+        log.warning("output node %s (%s) failed validation and will not run", out, prompt[out]["class_type"])
+    if not good:
+        return False, _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", ""), node_errors, []
+    return True, None, node_errors, good
+
+
+def _upstream(prompt: Mapping[str, dict], root: str) -> list[str]:
+    """``root`` and every node it depends on through links, in DFS order."""
+    seen: list[str] = []
+    todo = [root]
+    while todo:
+        nid = todo.pop()
+        if nid in seen or nid not in prompt:
+            continue
+        seen.append(nid)
+        for value in (prompt[nid].get("inputs") or {}).values():
+            if is_link(value):
+                todo.append(value[0])
+    return seen
+
