@@ -265,15 +265,18 @@ def _beta_ppf(q: float, a: float, b: float) -> float:
         return 0.5  # exact by symmetry; keeps rint(499.5) on the side ComfyUI/scipy land (500)
     log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
     lo, hi, x = 0.0, 1.0, q
-    for _ in range(100):
+    for _ in range(200):
         err = _betainc(x, a, b) - q
+        if err == 0.0:
+            return x
         if err > 0:
             hi = x
         else:
             lo = x
         pdf = math.exp((a - 1) * math.log(x) + (b - 1) * math.log1p(-x) - log_beta)
         step = x - err / pdf
-        x = step if lo < step < hi else 0.5 * (lo + hi)
-        if hi - lo < 1e-15 or abs(err) < 1e-16:
-            break
+        new = step if lo < step < hi else 0.5 * (lo + hi)  # Newton, or bisection when it leaves the bracket
+        if abs(new - x) <= 1e-16 * x or hi - lo <= 1e-16:
+            return new
+        x = new
     return x
