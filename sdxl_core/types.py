@@ -18,6 +18,7 @@ class TextEmbedding:
 
     crossattn: torch.Tensor
     pooled: torch.Tensor
+    kind: str = ""  # "base" or "refiner": which checkpoint's encoders made it (checked when wiring)
 
 
 @dataclass
@@ -29,3 +30,4 @@ class Conditioning:
 
     crossattn: torch.Tensor
     vector: torch.Tensor
+    kind: str = ""  # "base" or "refiner": which UNet this conditioning fits
