@@ -1,0 +1,28 @@
+"""The node registry: ComfyUI's NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS for every node."""
+
+from __future__ import annotations
+
+from .images import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
+from .loaders import CheckpointLoader
+from .sampling import BaseSampler, EmptyLatent, NoiseAndRefine
+from .text import DualCLIPEncode, RefinerConditioning, SizeCropConditioning
+
+NODES = (
+    CheckpointLoader,
+    DualCLIPEncode,
+    SizeCropConditioning,
+    RefinerConditioning,
+    EmptyLatent,
+    BaseSampler,
+    NoiseAndRefine,
+    VAEDecode,
+    VAEEncode,
+    LoadImage,
+    SaveImage,
+    PreviewImage,
+)
+
+NODE_CLASS_MAPPINGS = {cls.SCHEMA.id: cls for cls in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.SCHEMA.id: cls.SCHEMA.display_name for cls in NODES}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "NODES"]

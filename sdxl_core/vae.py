@@ -171,3 +171,58 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(latent.to(self.dtype))).float()
+
+
+def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
+    """1-D blend weights: rising over `overlap` samples at a shared start edge, falling at a shared end."""
+    w = torch.ones(n)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        if start:
+            w[:overlap] = ramp
+        if end:
+            w[-overlap:] = ramp.flip(0)
+    return w
+
+
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channels: int) -> torch.Tensor:
+    """Apply `fn` (encode or decode) to overlapping tiles of x (B, C, H, W) and blend the results.
+
+    Tiles are `tile` input pixels square with `overlap` shared; outputs are scaled by `scale`
+    (8 for decode, 1/8 for encode) and feathered linearly across the overlaps, so seams vanish.
+    """
+    b, _, h, w = x.shape
+    step = max(tile - overlap, 1)
+
+    def starts(size):
+        if size <= tile:
+            return [0]
+        s = list(range(0, size - tile, step)) + [size - tile]
+        return sorted(set(s))
+
+    out_h, out_w = int(h * scale), int(w * scale)
+    out = torch.zeros(b, out_channels, out_h, out_w)
+    weight = torch.zeros(1, 1, out_h, out_w)
+    ys, xs = starts(h), starts(w)
+    o = int(overlap * scale)
+    for y0 in ys:
+        for x0 in xs:
+            piece = fn(x[:, :, y0 : y0 + tile, x0 : x0 + tile]).float().cpu()
+            ph, pw = piece.shape[-2:]
+            oy, ox = int(y0 * scale), int(x0 * scale)
+            wy = _ramp(ph, min(o, ph), y0 > 0, y0 + tile < h)
+            wx = _ramp(pw, min(o, pw), x0 > 0, x0 + tile < w)
+            m = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, oy : oy + ph, ox : ox + pw] += piece * m
+            weight[:, :, oy : oy + ph, ox : ox + pw] += m
+    return out / weight
+
+
+def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+    """Decode a raw latent in tiles of `tile` latent pixels (peak memory independent of image size)."""
+    return tiled(vae.decode, latent, tile, overlap, 8, 3)
+
+
+def encode_tiled(vae: AutoencoderKL, pixels: torch.Tensor, tile: int = 512, overlap: int = 64) -> torch.Tensor:
+    """Encode pixels in [-1, 1] in tiles of `tile` pixels (multiples of 8)."""
+    return tiled(vae.encode, pixels, tile, overlap, 1 / 8, vae.cfg.embed_dim)

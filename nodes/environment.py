@@ -1,0 +1,151 @@
+"""Where the nodes find files and models: the folders, the device policy and the model manager.
+
+Standalone (`sdxl-nodes run|serve`) the CLI calls `configure(...)` once. Inside ComfyUI nothing
+calls it, and the first use builds an environment from ComfyUI's `folder_paths` (checkpoint list,
+input/output/temp folders) and ComfyUI's torch device.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..sdxl_core.memory import ModelManager, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".sft")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class NodeInputError(ValueError):
+    """A widget value the node cannot use (a missing file, a refiner wired into the base sampler…)."""
+
+
+@dataclass
+class Environment:
+    checkpoint_dirs: list[Path]
+    input_dir: Path
+    output_dir: Path
+    temp_dir: Path
+    manager: ModelManager
+    inside_comfyui: bool = False
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def checkpoint_names(self) -> list[str]:
+        if self.inside_comfyui:
+            import folder_paths  # ComfyUI's module
+
+            return [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith(CHECKPOINT_EXTENSIONS)]
+        names = set()
+        for d in self.checkpoint_dirs:
+            if d.is_dir():
+                names.update(
+                    p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in CHECKPOINT_EXTENSIONS and p.is_file()
+                )
+        return sorted(names)
+
+    def checkpoint_path(self, name: str) -> Path:
+        if self.inside_comfyui:
+            import folder_paths
+
+            path = folder_paths.get_full_path("checkpoints", name)
+            if path:
+                return Path(path)
+        for d in self.checkpoint_dirs:
+            p = (d / name).resolve()
+            if p.is_file() and d.resolve() in p.parents:
+                return p
+        where = ", ".join(str(d) for d in self.checkpoint_dirs) or "(no models folder configured)"
+        raise NodeInputError(
+            f"checkpoint '{name}' not found in {where}. Put the file there or pass --models-dir "
+            "(a folder with the .safetensors files, or a ComfyUI models/ folder)."
+        )
+
+    # -- images ------------------------------------------------------------------------------------
+    def input_images(self) -> list[str]:
+        root = self.input_dir
+        if not root.is_dir():
+            return []
+        return sorted(
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+
+    def input_image_path(self, name: str) -> Path:
+        root = self.input_dir.resolve()
+        p = (root / name).resolve()
+        if root not in p.parents or not p.is_file():
+            raise NodeInputError(f"image '{name}' not found in the input folder {root}")
+        return p
+
+
+_lock = threading.Lock()
+_current: Environment | None = None
+
+
+def configure(
+    *,
+    models_dir: str | Path | None = None,
+    input_dir: str | Path = "input",
+    output_dir: str | Path = "output",
+    temp_dir: str | Path | None = None,
+    options: RuntimeOptions | None = None,
+) -> Environment:
+    """Set the process's environment (the CLI's job). Returns it."""
+    global _current
+    dirs: list[Path] = []
+    if models_dir is not None:
+        m = Path(models_dir)
+        dirs = [m / "checkpoints", m] if (m / "checkpoints").is_dir() else [m]
+    out = Path(output_dir)
+    env = Environment(
+        checkpoint_dirs=dirs,
+        input_dir=Path(input_dir),
+        output_dir=out,
+        temp_dir=Path(temp_dir) if temp_dir else out.parent / "temp",
+        manager=ModelManager(options or RuntimeOptions()),
+    )
+    with _lock:
+        _current = env
+    return env
+
+
+def _from_comfyui() -> Environment:
+    import folder_paths
+
+    device = "cpu"
+    try:
+        import comfy.model_management as mm
+
+        device = str(mm.get_torch_device())
+    except Exception:  # noqa: BLE001 - an old or stripped ComfyUI: stay on the CPU
+        log.warning("sdxl-nodes: could not ask ComfyUI for its device; using the CPU")
+    return Environment(
+        checkpoint_dirs=[Path(p) for p in folder_paths.get_folder_paths("checkpoints")],
+        input_dir=Path(folder_paths.get_input_directory()),
+        output_dir=Path(folder_paths.get_output_directory()),
+        temp_dir=Path(folder_paths.get_temp_directory()),
+        manager=ModelManager(RuntimeOptions(device=device)),
+        inside_comfyui=True,
+    )
+
+
+def current() -> Environment:
+    """The configured environment; inside ComfyUI one built from `folder_paths`; else the defaults."""
+    global _current
+    with _lock:
+        if _current is None:
+            if "folder_paths" in sys.modules:
+                _current = _from_comfyui()
+            else:
+                _current = Environment(
+                    checkpoint_dirs=[Path("models/checkpoints"), Path("models")],
+                    input_dir=Path("input"),
+                    output_dir=Path("output"),
+                    temp_dir=Path("temp"),
+                    manager=ModelManager(RuntimeOptions()),
+                )
+        return _current

@@ -1,0 +1,29 @@
+"""What the SDXL_MODEL / SDXL_CLIP / SDXL_VAE sockets carry: handles into the model manager."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..sdxl_core.memory import ModelManager, ModelRef
+from ..sdxl_core.text import TextEncoders
+from ..sdxl_core.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True, eq=False)
+class ClipRef:
+    """The text encoders of one checkpoint (CLIP-L + bigG for a base, bigG alone for a refiner)."""
+
+    manager: ModelManager
+    path: str
+    config: object
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def encoders(self) -> TextEncoders:
+        clip_l = None if self.config.is_refiner else self.manager.get(self.path, "clip_l")
+        return TextEncoders(clip_l=clip_l, clip_g=self.manager.get(self.path, "clip_g"), tokenizer=load_tokenizer())
+
+
+__all__ = ["ClipRef", "ModelRef"]

@@ -1,0 +1,216 @@
+"""VAE decode/encode and image load/save/preview nodes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from ..sdxl_core.vae import decode_tiled, encode_tiled
+from .environment import NodeInputError, current
+from .schema import Combo, NodeSchema, Output, Socket, String, node
+
+log = logging.getLogger(__name__)
+
+# Decode in tiles once a latent is larger than this many latent pixels (about 1536×1536 images) on the
+# CPU, or whenever a whole-image decode runs out of memory.
+TILE_ABOVE_LATENT_PIXELS = 192 * 192
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "can't allocate" in str(e)
+
+
+@node(NodeSchema(
+    id="SDXLVAEDecode",
+    display_name="SDXL VAE Decode",
+    category="sdxl/latent",
+    description="Turns a latent into an image with the SDXL VAE (in fp32/bf16, never fp16, so no black NaN "
+                "images). Large latents, or any that run out of memory, are decoded in overlapping tiles.",
+    inputs=(
+        Socket("vae", "SDXL_VAE", "The VAE from SDXL Checkpoint Loader (base and refiner share the same VAE)."),
+        Socket("samples", "LATENT", "The latent to decode."),
+    ),
+    outputs=(Output("IMAGE", "IMAGE", "The decoded image batch, [B, H, W, 3] in 0..1."),),
+))
+class VAEDecode:
+    def run(self, vae, samples):
+        model = vae.load()
+        z = samples["samples"].to(next(model.parameters()).device)
+        with torch.inference_mode():
+            if z.shape[-1] * z.shape[-2] > TILE_ABOVE_LATENT_PIXELS:
+                pixels = decode_tiled(model, z)
+            else:
+                try:
+                    pixels = model.decode(z)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    if not _is_oom(e):
+                        raise
+                    log.warning("VAE decode ran out of memory; decoding in tiles")
+                    pixels = decode_tiled(model, z)
+        image = ((pixels.float().cpu() + 1) / 2).clamp(0, 1)  # ComfyUI: clamp((x+1)/2, 0, 1)
+        return (image.permute(0, 2, 3, 1).contiguous(),)
+
+
+@node(NodeSchema(
+    id="SDXLVAEEncode",
+    display_name="SDXL VAE Encode",
+    category="sdxl/latent",
+    description="Turns an image into a latent with the SDXL VAE (posterior mean, as ComfyUI). Sides that are "
+                "not multiples of 8 are cropped to the nearest multiple, centred.",
+    inputs=(
+        Socket("vae", "SDXL_VAE", "The VAE from SDXL Checkpoint Loader."),
+        Socket("pixels", "IMAGE", "The image batch to encode."),
+    ),
+    outputs=(Output("LATENT", "LATENT", "The latent of the image."),),
+))
+class VAEEncode:
+    def run(self, vae, pixels):
+        b, h, w, _c = pixels.shape
+        if h < 8 or w < 8:
+            raise NodeInputError(f"image is {w}×{h}; the VAE needs at least 8×8 pixels")
+        y0, x0 = (h % 8) // 2, (w % 8) // 2
+        pixels = pixels[:, y0 : y0 + h // 8 * 8, x0 : x0 + w // 8 * 8, :3]
+        model = vae.load()
+        x = pixels.permute(0, 3, 1, 2).to(next(model.parameters()).device) * 2 - 1
+        with torch.inference_mode():
+            if x.shape[-1] * x.shape[-2] > TILE_ABOVE_LATENT_PIXELS * 64:
+                z = encode_tiled(model, x)
+            else:
+                try:
+                    z = model.encode(x)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    if not _is_oom(e):
+                        raise
+                    z = encode_tiled(model, x)
+        return ({"samples": z.float().cpu()},)
+
+
+def _input_images() -> list[str]:
+    return current().input_images()
+
+
+@node(NodeSchema(
+    id="SDXLLoadImage",
+    display_name="SDXL Load Image",
+    category="sdxl/image",
+    description="Loads an image from the input folder (upload one with the button). Alpha is dropped; EXIF "
+                "rotation is applied.",
+    inputs=(Combo("image", "An image file in the input folder.", _input_images, image_upload=True),),
+    outputs=(Output("IMAGE", "IMAGE", "The image, [1, H, W, 3] in 0..1."),),
+))
+class LoadImage:
+    @classmethod
+    def IS_CHANGED(cls, image):  # noqa: N802 - ComfyUI's name: re-run when the file's bytes change
+        path = current().input_image_path(image)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):  # noqa: N802
+        try:
+            current().input_image_path(image)
+        except NodeInputError as e:
+            return str(e)
+        return True
+
+    def run(self, image):
+        path = current().input_image_path(image)
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except OSError as e:
+            raise NodeInputError(f"cannot read image {path}: {e}") from e
+        return (torch.from_numpy(arr)[None],)
+
+
+def _png_info(prompt, extra_pnginfo) -> PngInfo:
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt))
+    for key, value in (extra_pnginfo or {}).items():
+        info.add_text(key, json.dumps(value))
+    return info
+
+
+def _next_counter(folder: Path, stem: str) -> int:
+    pattern = re.compile(re.escape(stem) + r"_(\d{5,})_\.png$")
+    numbers = [int(m.group(1)) for p in folder.glob(f"{stem}_*_.png") if (m := pattern.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+def save_images(images, prefix: str, root: Path, kind: str, prompt, extra_pnginfo, compress_level: int):
+    """Write each image as <prefix>_00001_.png (ComfyUI's naming) with the graph embedded; atomic writes."""
+    root = root.resolve()
+    target = (root / prefix).resolve()
+    if root != target and root not in target.parents:
+        raise NodeInputError(f"filename_prefix '{prefix}' points outside the {kind} folder {root}")
+    folder, stem = target.parent, target.name
+    folder.mkdir(parents=True, exist_ok=True)
+    counter = _next_counter(folder, stem)
+    info = _png_info(prompt, extra_pnginfo)
+    results = []
+    for image in images:
+        arr = np.clip(image.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)  # truncates, like ComfyUI
+        name = f"{stem}_{counter:05}_.png"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".png")
+        os.close(fd)
+        try:
+            Image.fromarray(arr).save(tmp, pnginfo=info, compress_level=compress_level)
+            os.replace(tmp, folder / name)  # never leave a half-written PNG under its real name
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        subfolder = folder.relative_to(root).as_posix()
+        results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder, "type": kind})
+        counter += 1
+    return results
+
+
+SAVE_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+
+
+@node(NodeSchema(
+    id="SDXLSaveImage",
+    display_name="SDXL Save Image",
+    category="sdxl/image",
+    description="Saves images as PNG files in the output folder, with the workflow embedded: drag a saved PNG "
+                "into the editor to get its graph back.",
+    inputs=(
+        Socket("images", "IMAGE", "The images to save."),
+        String("filename_prefix", "File name prefix; may include subfolders (e.g. 'sdxl/portrait'). Files are "
+               "numbered <prefix>_00001_.png, …", default="SDXL"),
+    ),
+    output_node=True,
+    hidden=SAVE_HIDDEN,
+))
+class SaveImage:
+    def run(self, images, filename_prefix="SDXL", prompt=None, extra_pnginfo=None):
+        saved = save_images(images, filename_prefix, current().output_dir, "output", prompt, extra_pnginfo, 4)
+        for item in saved:
+            log.info("saved %s", Path(item["subfolder"]) / item["filename"])
+        return {"ui": {"images": saved}, "result": ()}
+
+
+@node(NodeSchema(
+    id="SDXLPreviewImage",
+    display_name="SDXL Preview Image",
+    category="sdxl/image",
+    description="Shows images on the node without keeping them (written to the temp folder).",
+    inputs=(Socket("images", "IMAGE", "The images to preview."),),
+    output_node=True,
+    hidden=SAVE_HIDDEN,
+))
+class PreviewImage:
+    def run(self, images, prompt=None, extra_pnginfo=None):
+        saved = save_images(images, "preview", current().temp_dir, "temp", prompt, extra_pnginfo, 1)
+        return {"ui": {"images": saved}, "result": ()}

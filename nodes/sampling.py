@@ -1,0 +1,185 @@
+"""Latent and sampler nodes: empty latent, the base sampler and the refiner's noise-and-refine."""
+
+from __future__ import annotations
+
+import torch
+
+from ..sdxl_core.sampling import SAMPLERS, sample
+from ..sdxl_core.schedules import SCHEDULERS
+from .environment import NodeInputError
+from .progress import StepReporter
+from .schema import MAX_RESOLUTION, MAX_SEED, Combo, Float, Int, NodeSchema, Output, Socket, node
+
+# Extra key in LATENT: how a base run stopped early, so the refiner continues on the same schedule.
+CONTINUE_KEY = "sdxl_continue"
+HIDDEN = {"progress": "SDXL_PROGRESS", "unique_id": "UNIQUE_ID"}
+
+
+@node(NodeSchema(
+    id="SDXLEmptyLatent",
+    display_name="SDXL Empty Latent",
+    category="sdxl/latent",
+    description="An empty (all-zero) latent batch to start text-to-image from. SDXL works best near 1024×1024 "
+                "pixels (e.g. 1024×1024, 1152×896, 1216×832).",
+    inputs=(
+        Int("width", "Image width in pixels; must be a multiple of 8.", 1024, 16, MAX_RESOLUTION, 8),
+        Int("height", "Image height in pixels; must be a multiple of 8.", 1024, 16, MAX_RESOLUTION, 8),
+        Int("batch_size", "How many images to generate at once.", 1, 1, 4096),
+    ),
+    outputs=(Output("LATENT", "LATENT", "An all-zero latent of shape [batch, 4, height/8, width/8]."),),
+))
+class EmptyLatent:
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, batch_size):  # noqa: N802 - ComfyUI's name
+        bad = [f"{n} {v}" for n, v in (("width", width), ("height", height)) if int(v) % 8]
+        if bad:
+            return f"{' and '.join(bad)} not a multiple of 8; SDXL latents are 1/8 of the image size"
+        return True
+
+    def run(self, width, height, batch_size):
+        return ({"samples": torch.zeros([batch_size, 4, height // 8, width // 8])},)
+
+
+def _common_inputs():
+    return (
+        Socket("model", "SDXL_MODEL", "The UNet from SDXL Checkpoint Loader."),
+        Socket("positive", "SDXL_COND", "What the image should show."),
+        Socket("negative", "SDXL_COND", "What the image should not show (used when cfg > 1)."),
+        Socket("latent", "LATENT", "The latent to denoise."),
+        Int("seed", "Seed of the starting noise (and of the per-step noise of ancestral/SDE samplers); the "
+            "same seed gives the same image as ComfyUI.", 0, 0, MAX_SEED),
+    )
+
+
+def _cfg():
+    return Float("cfg", "Classifier-free guidance: how strongly the prompt is followed. 1 disables the "
+                 "negative prompt; 5–9 is typical for SDXL.", 8.0, 0.0, 100.0, 0.1, round=0.01)
+
+
+def _sampler():
+    return Combo("sampler_name", "The solver that steps from noise to image (ComfyUI's names).", list(SAMPLERS))
+
+
+def _scheduler():
+    return Combo("scheduler", "How the noise levels are spaced over the steps (ComfyUI's names).", list(SCHEDULERS))
+
+
+def _check_model_and_conds(model, positive, negative, node_name: str):
+    adm = model.config.unet.adm_in_channels
+    for name, c in (("positive", positive), ("negative", negative)):
+        if c.vector.shape[-1] != adm:
+            need = "SDXL Size/Crop Conditioning" if model.kind == "base" else "SDXL Refiner Conditioning"
+            raise NodeInputError(
+                f"{node_name}: '{name}' conditioning has a {c.vector.shape[-1]}-wide vector ({c.kind or 'other'} "
+                f"conditioning) but the {model.kind} UNet expects {adm}. Build it with {need} from the "
+                f"{model.kind} checkpoint's clip."
+            )
+
+
+def _run_sampler(model, positive, negative, latent, progress, **kwargs):
+    unet = model.load()
+    device = next(unet.parameters()).device
+    samples = latent["samples"]
+    steps = StepReporter(progress)
+    steps.check()
+    out = sample(
+        unet, positive, negative, samples.to(device), batch_index=latent.get("batch_index"), callback=steps, **kwargs
+    )
+    return out.cpu()
+
+
+@node(NodeSchema(
+    id="SDXLBaseSampler",
+    display_name="SDXL Base Sampler",
+    category="sdxl/sampling",
+    description=(
+        "Denoises a latent with the SDXL base UNet (ComfyUI's KSampler). With denoise_end < 1 it stops early "
+        "and hands the still-noisy latent to SDXL Noise & Refine, which finishes the same schedule with the "
+        "refiner — the official base + refiner split (ComfyUI's KSamplerAdvanced pair)."
+    ),
+    inputs=(
+        *_common_inputs(),
+        Int("steps", "Steps of the whole schedule (base and refiner together).", 25, 1, 10000),
+        _cfg(),
+        _sampler(),
+        _scheduler(),
+        Float("denoise_end", "Fraction of the schedule the base runs before handing over with its noise left "
+              "in (0.8 = steps 0–20 of 25). 1.0 finishes the image here.", 1.0, 0.0, 1.0, 0.01),
+    ),
+    outputs=(Output("LATENT", "LATENT", "The denoised latent, or the partly denoised one when denoise_end < 1."),),
+    hidden=HIDDEN,
+))
+class BaseSampler:
+    def run(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise_end,
+            progress=None, unique_id=None):
+        if model.kind != "base":
+            raise NodeInputError(
+                f"SDXL Base Sampler got the {model.kind} UNet ({model.path}); wire the base checkpoint's model "
+                "here and the refiner's into SDXL Noise & Refine."
+            )
+        _check_model_and_conds(model, positive, negative, "SDXL Base Sampler")
+        end_step = round(steps * denoise_end)
+        if end_step < 1:
+            raise NodeInputError(f"denoise_end {denoise_end} of {steps} steps leaves no step for the base; "
+                                 "raise denoise_end or steps")
+        early = end_step < steps
+        samples = _run_sampler(
+            model, positive, negative, latent, progress, seed=seed, steps=steps, cfg=cfg,
+            sampler_name=sampler_name, scheduler=scheduler, end_step=end_step if early else None,
+            return_with_leftover_noise=early,
+        )
+        out = {k: v for k, v in latent.items() if k not in ("samples", CONTINUE_KEY)}
+        out["samples"] = samples
+        if early:
+            out[CONTINUE_KEY] = {"steps": steps, "start_step": end_step, "scheduler": scheduler}
+        return (out,)
+
+
+@node(NodeSchema(
+    id="SDXLNoiseAndRefine",
+    display_name="SDXL Noise & Refine",
+    category="sdxl/sampling",
+    description=(
+        "Refines a latent with the SDXL refiner. 'continue' finishes a latent that SDXL Base Sampler stopped "
+        "early, on the same schedule and without new noise (ComfyUI's second KSamplerAdvanced). 'renoise' adds "
+        "seeded noise to a finished latent at the given strength and denoises it again (SDEdit / img2img)."
+    ),
+    inputs=(
+        *_common_inputs(),
+        _cfg(),
+        _sampler(),
+        Combo("mode", "continue: finish the base's stopped-early schedule (steps/scheduler/strength come from "
+              "the base). renoise: noise a finished latent by 'strength' and denoise it in 'steps' steps.",
+              ["continue", "renoise"]),
+        Int("steps", "renoise: denoising steps. Ignored by continue, which uses the base's schedule.", 20, 1, 10000),
+        _scheduler(),
+        Float("strength", "renoise: how much noise to add, 0–1 (0.3 keeps the picture, 1.0 redraws it). "
+              "Ignored by continue.", 0.3, 0.0, 1.0, 0.01),
+    ),
+    outputs=(Output("LATENT", "LATENT", "The refined latent."),),
+    hidden=HIDDEN,
+))
+class NoiseAndRefine:
+    def run(self, model, positive, negative, latent, seed, cfg, sampler_name, mode, steps, scheduler, strength,
+            progress=None, unique_id=None):
+        _check_model_and_conds(model, positive, negative, "SDXL Noise & Refine")
+        if mode == "continue":
+            info = latent.get(CONTINUE_KEY)
+            if not info:
+                raise NodeInputError(
+                    "mode 'continue' needs a latent that SDXL Base Sampler stopped early (denoise_end < 1); this "
+                    "latent is finished. Use mode 'renoise' to refine a finished latent or image."
+                )
+            kwargs = dict(steps=info["steps"], scheduler=info["scheduler"], start_step=info["start_step"],
+                          add_noise=False)
+        elif mode == "renoise":
+            if strength <= 0:
+                return ({k: v for k, v in latent.items() if k != CONTINUE_KEY},)
+            kwargs = dict(steps=steps, scheduler=scheduler, denoise=strength)
+        else:
+            raise NodeInputError(f"mode must be 'continue' or 'renoise', got {mode!r}")
+        samples = _run_sampler(model, positive, negative, latent, progress, seed=seed, cfg=cfg,
+                               sampler_name=sampler_name, **kwargs)
+        out = {k: v for k, v in latent.items() if k not in ("samples", CONTINUE_KEY)}
+        out["samples"] = samples
+        return (out,)
