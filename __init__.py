@@ -4,7 +4,10 @@ This file is the ComfyUI entry point (ComfyUI imports the folder as a module). T
 load lazily so that ``import sdxl_nodes.runtime`` stays free of torch.
 """
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+# Frontend extension served by ComfyUI (and by `sdxl-nodes serve`) at /extensions/<pack>/.
+WEB_DIRECTORY = "./web"
 
 
 def __getattr__(name):

@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+
 from sdxl_nodes.sdxl_core.sampling import sample
 from sdxl_nodes.sdxl_core.types import Conditioning
 

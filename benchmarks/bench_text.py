@@ -15,6 +15,7 @@ import random
 import time
 
 import torch
+
 from sdxl_nodes.sdxl_core.clip import build_text_encoder
 from sdxl_nodes.sdxl_core.config import CLIP_G, CLIP_L, CONTEXT_LENGTH
 from sdxl_nodes.sdxl_core.text import TextEncoders, encode_prompt, tokenize_prompt_pair

@@ -252,6 +252,44 @@ def _materialize_buffers(module: nn.Module, device) -> None:
                 raise CheckpointError(f"internal: buffer {mod_name}.{buf_name} was not loaded")
 
 
+def inspect_checkpoint(path: str | os.PathLike) -> tuple[SDXLConfig, dict[str, tuple[int, ...]]]:
+    """Read the header, tell base from refiner and check every key and shape; loads no tensor."""
+    shapes = read_shapes(path)
+    cfg = detect(shapes, str(path))
+    check_keys(shapes, cfg, build_modules(cfg), str(path))
+    return cfg, shapes
+
+
+PARTS = ("unet", "vae", "clip_l", "clip_g")
+
+
+def load_part(
+    path: str | os.PathLike,
+    part: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    inspected: tuple[SDXLConfig, dict] | None = None,
+) -> nn.Module:
+    """Load one network ('unet', 'vae', 'clip_l' or 'clip_g') of a checkpoint, strictly checked."""
+    cfg, shapes = inspected or inspect_checkpoint(path)
+    if part not in _prefixes(cfg):
+        raise CheckpointError(f"{path}: an SDXL {cfg.kind} checkpoint has no {part}")
+    module = build_modules(cfg)[part]
+    prefix = _prefixes(cfg)[part]
+    groups, _ = split_keys(shapes, cfg)
+    rel = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in groups[part]:
+            t = f.get_tensor(key)
+            if t.is_floating_point():
+                t = t.to(device=device, dtype=dtype)  # one tensor at a time: never a full fp32 copy
+            rel[key[len(prefix):]] = t
+    module.load_state_dict(_to_module_keys(part, rel, module), strict=True, assign=True)
+    _materialize_buffers(module, device)
+    return module
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -261,28 +299,16 @@ def load_checkpoint(
     vae_dtype: torch.dtype = torch.float32,
 ) -> SDXLCheckpoint:
     """Load an SDXL base or refiner single-file checkpoint; each network in its own dtype."""
-    path = Path(path)
     t0 = time.perf_counter()
-    shapes = read_shapes(path)
-    cfg = detect(shapes, str(path))
-    modules = build_modules(cfg)
-    check_keys(shapes, cfg, modules, str(path))
+    inspected = inspect_checkpoint(path)
+    cfg = inspected[0]
     dtypes = {"unet": unet_dtype, "vae": vae_dtype, "clip_l": text_dtype, "clip_g": text_dtype}
-    groups, _ = split_keys(shapes, cfg)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name, module in modules.items():
-            prefix = _prefixes(cfg)[name]
-            rel = {}
-            for key in groups[name]:
-                t = f.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(device=device, dtype=dtypes[name])  # one tensor at a time: no full fp32 copy
-                rel[key[len(prefix):]] = t
-            sd = _to_module_keys(name, rel, module)
-            module.load_state_dict(sd, strict=True, assign=True)
-            _materialize_buffers(module, device)
-            del rel, sd
-    ckpt = SDXLCheckpoint(config=cfg, path=str(path), clip_l=modules.pop("clip_l", None), **modules)
+    parts = {
+        part: load_part(path, part, device=device, dtype=dtypes[part], inspected=inspected)
+        for part in PARTS
+        if part in _prefixes(cfg)
+    }
+    ckpt = SDXLCheckpoint(config=cfg, path=str(path), clip_l=parts.pop("clip_l", None), **parts)
     ckpt.stats["load_seconds"] = time.perf_counter() - t0
     log.info("loaded %s (%s) in %.1f s", path, cfg.kind, ckpt.stats["load_seconds"])
     return ckpt

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
+
 from sdxl_nodes.sdxl_core.conditioning import (
     base_conditioning,
     base_vector,

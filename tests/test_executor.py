@@ -7,9 +7,10 @@ import time
 
 import pytest
 import stub_nodes
-from sdxl_nodes.runtime.executor import Executor, Interrupted, ProgressReporter
 from stub_nodes import CALLS, SEEN
 from stub_nodes import NODE_CLASS_MAPPINGS as CLASSES
+
+from sdxl_nodes.runtime.executor import Executor, Interrupted, ProgressReporter
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import math
 import random
 
 import pytest
+
 from sdxl_nodes.sdxl_core.prompt import (
     TokenChunk,
     chunk_words,

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+
 from sdxl_nodes.sdxl_core import sampling as M
 from sdxl_nodes.sdxl_core import schedules as S
 from sdxl_nodes.sdxl_core.errors import Cancelled, SamplingError

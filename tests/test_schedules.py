@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+
 from sdxl_nodes.sdxl_core import schedules as S
 from sdxl_nodes.sdxl_core.errors import SamplingError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sdxl_nodes.sdxl_core.clip import build_text_encoder
 from sdxl_nodes.sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
 from sdxl_nodes.sdxl_core.errors import ConditioningError

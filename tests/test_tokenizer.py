@@ -11,8 +11,9 @@ import json
 from importlib import resources
 
 import pytest
-from sdxl_nodes.sdxl_core.tokenizer import BPE_FILE, CLIPBPETokenizer, load_tokenizer
 from transformers import CLIPTokenizer
+
+from sdxl_nodes.sdxl_core.tokenizer import BPE_FILE, CLIPBPETokenizer, load_tokenizer
 
 CORPUS = [
     "",

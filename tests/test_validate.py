@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from sdxl_nodes.runtime.validate import coerce_literal, types_compatible, validate_prompt
 from stub_nodes import NODE_CLASS_MAPPINGS as CLASSES
 
-SAMPLES = Path("/work/shared/frontend/samples")
+from sdxl_nodes.runtime.validate import coerce_literal, types_compatible, validate_prompt
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
 
 
 def _recorded(name):

@@ -13,6 +13,7 @@ import pytest
 import stub_nodes
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
 from sdxl_nodes.runtime import nodeinfo
 from sdxl_nodes.runtime.workflow import (
     WorkflowError,
@@ -24,7 +25,7 @@ from sdxl_nodes.runtime.workflow import (
     widget_layout,
 )
 
-SAMPLES = Path("/work/shared/frontend/samples")
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
 if not SAMPLES.is_dir():  # the repository checkout may sit beside shared/
     SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
 
