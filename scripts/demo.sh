@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole SDXL base + refiner pipeline on tiny random checkpoints.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+sdxl-nodes demo --dir "${1:-sdxl-nodes-demo}"
