@@ -30,6 +30,20 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "can't allocate" in str(e)
 
 
+def _whole_or_tiled(whole, tiled, x, large: bool):
+    """Run the VAE on the whole tensor, or in tiles when it is large or the whole run runs out of memory."""
+    with torch.inference_mode():
+        if large:
+            return tiled()
+        try:
+            return whole(x)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not _is_oom(e):
+                raise
+            log.warning("VAE ran out of memory on the whole image; retrying in tiles")
+            return tiled()
+
+
 @node(NodeSchema(
     id="SDXLVAEDecode",
     display_name="SDXL VAE Decode",
@@ -46,17 +60,8 @@ class VAEDecode:
     def run(self, vae, samples):
         model = vae.load()
         z = samples["samples"].to(next(model.parameters()).device)
-        with torch.inference_mode():
-            if z.shape[-1] * z.shape[-2] > TILE_ABOVE_LATENT_PIXELS:
-                pixels = decode_tiled(model, z)
-            else:
-                try:
-                    pixels = model.decode(z)
-                except (RuntimeError, torch.OutOfMemoryError) as e:
-                    if not _is_oom(e):
-                        raise
-                    log.warning("VAE decode ran out of memory; decoding in tiles")
-                    pixels = decode_tiled(model, z)
+        large = z.shape[-1] * z.shape[-2] > TILE_ABOVE_LATENT_PIXELS
+        pixels = _whole_or_tiled(model.decode, lambda: decode_tiled(model, z), z, large)
         image = ((pixels.float().cpu() + 1) / 2).clamp(0, 1)  # ComfyUI: clamp((x+1)/2, 0, 1)
         return (image.permute(0, 2, 3, 1).contiguous(),)
 
@@ -82,16 +87,8 @@ class VAEEncode:
         pixels = pixels[:, y0 : y0 + h // 8 * 8, x0 : x0 + w // 8 * 8, :3]
         model = vae.load()
         x = pixels.permute(0, 3, 1, 2).to(next(model.parameters()).device) * 2 - 1
-        with torch.inference_mode():
-            if x.shape[-1] * x.shape[-2] > TILE_ABOVE_LATENT_PIXELS * 64:
-                z = encode_tiled(model, x)
-            else:
-                try:
-                    z = model.encode(x)
-                except (RuntimeError, torch.OutOfMemoryError) as e:
-                    if not _is_oom(e):
-                        raise
-                    z = encode_tiled(model, x)
+        large = x.shape[-1] * x.shape[-2] > TILE_ABOVE_LATENT_PIXELS * 64
+        z = _whole_or_tiled(model.encode, lambda: encode_tiled(model, x), x, large)
         return ({"samples": z.float().cpu()},)
 
 

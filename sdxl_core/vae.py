@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VAEConfig
+from .unet import Upsample  # nearest ×2 + conv3×3, the same module (and key names) as the UNet's
 
 
 def norm(ch: int) -> nn.GroupNorm:
@@ -59,15 +60,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric: pad right and bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
