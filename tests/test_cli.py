@@ -1,0 +1,354 @@
+"""`sdxl-nodes` on good and bad input: one clear message, a non-zero exit code, nothing written.
+
+Most cases call `runtime.cli.main([...])` in-process; one runs the installed console script in a
+subprocess to prove the exit code and stderr end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_nodes.nodes import environment
+from sdxl_nodes.runtime import cli
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+DATA = Path(__file__).resolve().parent / "data"
+BASE, REFINER = "sd_xl_base_1.0.safetensors", "sd_xl_refiner_1.0.safetensors"
+SMALL_BASE = ["--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_checkpoints):
+    root = tmp_path_factory.mktemp("cli_models")
+    (root / "checkpoints").mkdir()
+    for path in tiny_checkpoints.values():
+        try:  # hard links: symlinked checkpoints are rejected (tests/test_workflows_e2e.py)
+            os.link(path, root / "checkpoints" / path.name)
+        except OSError:
+            shutil.copyfile(path, root / "checkpoints" / path.name)
+    return root
+
+
+@pytest.fixture
+def d(tmp_path, models_dir, monkeypatch):
+    monkeypatch.setattr(environment, "_current", None)  # restore the process-global environment afterwards
+    dirs = {"models": models_dir, "input": tmp_path / "input", "output": tmp_path / "output", "temp": tmp_path / "temp",
+            "tmp": tmp_path}
+    dirs["input"].mkdir()
+    return dirs
+
+
+def folders(d) -> list[str]:
+    return ["--models-dir", str(d["models"]), "--input-dir", str(d["input"]), "--output-dir", str(d["output"]),
+            "--temp-dir", str(d["temp"])]
+
+
+def run(capsys, d, *argv) -> tuple[int, str, str]:
+    code = cli.main([*argv, *folders(d)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_nothing_written(d) -> None:
+    for key in ("output", "temp"):
+        folder = d[key]
+        assert not folder.exists() or list(folder.rglob("*")) == [], f"files written to {folder}"
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def example_png(folder: Path) -> None:
+    arr = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(folder / "example.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# Happy paths: validate and convert
+
+
+@pytest.mark.parametrize("name,nodes,outputs", [("sdxl_base", 9, 1), ("sdxl_base_refiner", 15, 1),
+                                                ("sdxl_img2img", 11, 2), ("sdxl_refine_image", 10, 1)])
+def test_validate_shipped_workflows(capsys, d, name, nodes, outputs):
+    example_png(d["input"])
+    path = WORKFLOWS / f"{name}.json"
+    code, out, err = run(capsys, d, "validate", str(path))
+    assert (code, err) == (0, "")
+    assert out == f"{path}: valid ({nodes} nodes, {outputs} output node(s))\n"
+    assert_nothing_written(d)
+
+
+def test_validate_without_the_input_image_names_it(capsys, d):
+    code, out, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_img2img.json"))
+    assert code == 2 and out == ""
+    assert "node 1" in err and "'image'" in err and "example.png" in err and str(d["input"].resolve()) in err
+
+
+def test_convert_prints_and_writes_the_api_prompt(capsys, d):
+    expected = json.loads((DATA / "sdxl_base_refiner.api.json").read_text())
+    code, out, err = run(capsys, d, "convert", str(WORKFLOWS / "sdxl_base_refiner.json"))
+    assert (code, err) == (0, "")
+    assert json.loads(out) == expected
+
+    target = d["tmp"] / "prompt.json"
+    code, out, err = run(capsys, d, "convert", str(WORKFLOWS / "sdxl_base_refiner.json"), "-o", str(target),
+                         "--set", "7.seed=5", "--set", "2.text_g=a red fox", "--set", "7.denoise_end=0.75")
+    assert (code, out, err) == (0, "", "")
+    expected["7"]["inputs"].update(seed=5, denoise_end=0.75)
+    expected["2"]["inputs"]["text_g"] = "a red fox"
+    assert json.loads(target.read_text()) == expected
+    # the converted API prompt is itself a runnable/validatable workflow
+    code, out, _ = run(capsys, d, "validate", str(target))
+    assert code == 0 and "valid (15 nodes" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad workflow files
+
+
+def test_malformed_json_names_file_line_and_column(capsys, d):
+    bad = d["tmp"] / "broken.json"
+    bad.write_text('{"nodes": [\n  {"id": 1,\n   "type": oops}]}\n')
+    code, out, err = run(capsys, d, "run", str(bad))
+    assert code == 2 and out == ""
+    assert error_lines(err) == [f"error: {bad}: malformed JSON at line 3 column 12: Expecting value"]
+    assert_nothing_written(d)
+
+
+def test_missing_workflow_file(capsys, d):
+    code, _, err = run(capsys, d, "run", str(d["tmp"] / "nope.json"))
+    assert code == 2
+    assert error_lines(err) == [f"error: {d['tmp'] / 'nope.json'}: cannot read: No such file or directory"]
+
+
+OTHER_PACK_UI = {
+    "last_node_id": 3, "last_link_id": 1, "version": 0.4, "links": [[1, 1, 0, 2, 0, "MODEL"]],
+    "nodes": [
+        {"id": 1, "type": "CheckpointLoaderSimple", "mode": 0, "inputs": [],
+         "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]}], "widgets_values": ["v1-5.safetensors"]},
+        {"id": 2, "type": "KSampler", "mode": 0, "inputs": [{"name": "model", "type": "MODEL", "link": 1}],
+         "outputs": [], "widgets_values": [1, "fixed", 20, 8, "euler", "normal", 1]},
+        {"id": 3, "type": "SaveImage", "mode": 0, "inputs": [], "outputs": [], "widgets_values": ["x"]},
+    ],
+}
+
+
+def test_workflow_from_another_node_pack_lists_every_unknown_type(capsys, d):
+    path = d["tmp"] / "other_pack.json"
+    path.write_text(json.dumps(OTHER_PACK_UI))
+    code, out, err = run(capsys, d, "run", str(path))
+    assert code == 2 and out == ""
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    for type_, node in (("CheckpointLoaderSimple", 1), ("KSampler", 2), ("SaveImage", 3)):
+        assert f"{type_} (node {node})" in lines[0]
+    assert "another node pack" in lines[0]
+    assert_nothing_written(d)
+
+    # the same graph as an API prompt: caught by validation, all three named
+    api = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+           "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0]}},
+           "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0]}}}
+    path.write_text(json.dumps(api))
+    code, out, err = run(capsys, d, "validate", str(path))
+    assert code == 2 and out == ""
+    assert "Nodes not found: CheckpointLoaderSimple, KSampler, SaveImage" in err
+    for node in ("1", "2", "3"):
+        assert f"node {node} (" in err
+    assert_nothing_written(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad values
+
+
+def test_missing_checkpoint_is_a_validation_error(capsys, d):
+    code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "1.ckpt_name=missing.safetensors")
+    assert code == 2 and out == ""
+    assert "error: Prompt outputs failed validation" in err
+    assert "node 1 (Load SDXL base), input 'ckpt_name': Value not in list" in err
+    assert "'missing.safetensors' not in [" in err and f"'{BASE}'" in err
+    assert_nothing_written(d)
+
+
+def test_no_checkpoints_in_the_models_folder(capsys, d):
+    empty = d["tmp"] / "empty_models"
+    empty.mkdir()
+    code = cli.main(["run", str(WORKFLOWS / "sdxl_base.json"), "--models-dir", str(empty),
+                     "--output-dir", str(d["output"]), "--temp-dir", str(d["temp"])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"'{BASE}' not in []" in err and "ckpt_name" in err
+    assert_nothing_written(d)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: with a ComfyUI models/ folder every checkpoint is listed twice "
+                   "('x' and 'checkpoints/x'): configure() scans models/ recursively too (see report)")
+def test_checkpoint_list_of_a_comfyui_models_folder(d):
+    env = environment.configure(models_dir=d["models"], output_dir=d["output"])
+    assert env.checkpoint_names() == [BASE, REFINER]
+
+
+def test_width_not_a_multiple_of_8(capsys, d):
+    code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1004")
+    assert code == 2 and out == ""
+    assert "node 6 (SDXL Empty Latent), input 'width'" in err
+    assert "width 1004 not a multiple of 8; SDXL latents are 1/8 of the image size" in err
+    assert_nothing_written(d)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the custom-validation message is printed once per input of the "
+                   "node (3 times for SDXL Empty Latent), the last two under unrelated inputs (see report)")
+def test_custom_validation_error_is_printed_once(capsys, d):
+    code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1004")
+    assert code == 2
+    assert err.count("not a multiple of 8") == 1
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a width that is a multiple of 8 but not of 32 (1000 → 125 latent "
+                   "pixels) crashes inside the UNet (skip size mismatch); ComfyUI upsamples to the skip's size "
+                   "(see report)")
+def test_width_1000_runs(capsys, d):
+    code, _, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1000",
+                       "--set", "6.height=64", "--set", "7.steps=2")
+    assert code == 0, err
+    assert Image.open(d["output"] / "sdxl_base_00001_.png").size == (1000, 64)
+
+
+def test_out_of_range_widgets_are_all_reported(capsys, d):
+    code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "7.steps=0",
+                         "--set", "7.cfg=1000")
+    assert code == 2 and out == ""
+    assert error_lines(err) == [
+        "error: Prompt outputs failed validation",
+        "  node 7 (SDXL Base Sampler), input 'steps': Value 0 smaller than min of 1: steps",
+        "  node 7 (SDXL Base Sampler), input 'cfg': Value 1000.0 bigger than max of 100.0: cfg",
+    ]
+    assert_nothing_written(d)
+
+
+def test_unknown_sampler_name_is_rejected(capsys, d):
+    code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "7.sampler_name=euler_x")
+    assert code == 2
+    assert "input 'sampler_name': Value not in list" in err and "'euler_x'" in err
+
+
+def test_refiner_checkpoint_in_the_base_workflow(capsys, d):
+    """All of sdxl_base from the refiner file: the first node that cannot use it says what to do."""
+    code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), *SMALL_BASE,
+                         "--set", f"1.ckpt_name={REFINER}")
+    assert code == 1 and "saved" not in out
+    assert error_lines(err) == [
+        "error in node 4 (SDXLSizeCropConditioning): The prompt comes from an SDXL refiner checkpoint, but this "
+        "node needs the base's. Encode it with the base checkpoint's clip, or use SDXL Refiner Conditioning for "
+        "the refiner."
+    ]
+    assert_nothing_written(d)
+
+
+def test_refiner_model_wired_into_the_base_sampler(capsys, d):
+    prompt = json.loads((DATA / "sdxl_base_refiner.api.json").read_text())
+    prompt["7"]["inputs"]["model"] = ["10", 0]  # the refiner's UNet into SDXL Base Sampler
+    path = d["tmp"] / "miswired.json"
+    path.write_text(json.dumps(prompt))
+    code, out, err = run(capsys, d, "run", str(path), *SMALL_BASE)
+    assert code == 1 and "saved" not in out
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error in node 7 (SDXLBaseSampler): SDXL Base Sampler got the refiner UNet (")
+    assert REFINER in lines[0]
+    assert "wire the base checkpoint's model here and the refiner's into SDXL Noise & Refine" in lines[0]
+    assert_nothing_written(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# --set
+
+
+@pytest.mark.parametrize("item,message", [
+    ("99.steps=3", "error: --set '99.steps=3': no node with id '99'; ids in this workflow: 1, 2, 3, 4, 5, 6, 7, 8, 9"),
+    ("7steps=3", "error: --set '7steps=3': expected NODE_ID.INPUT=VALUE, e.g. --set 12.seed=42"),
+    ("7.steps", "error: --set '7.steps': expected NODE_ID.INPUT=VALUE, e.g. --set 12.seed=42"),
+    (".steps=3", "error: --set '.steps=3': expected NODE_ID.INPUT=VALUE, e.g. --set 12.seed=42"),
+    ("7.model=1", "error: --set '7.model=1': input 'model' of node 7 is connected to another node; only widget "
+                  "values can be set"),
+])
+def test_set_errors(capsys, d, item, message):
+    code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", item)
+    assert (code, out) == (2, "")
+    assert error_lines(err) == [message]
+    assert_nothing_written(d)
+
+
+def test_set_parses_json_values_and_plain_text(capsys, d):
+    target = d["tmp"] / "p.json"
+    code, _, err = run(capsys, d, "convert", str(WORKFLOWS / "sdxl_base.json"), "-o", str(target),
+                       "--set", "7.cfg=6.5", "--set", "7.scheduler=karras", "--set", "2.text_l=(cat:1.2), 3 dogs",
+                       "--set", "9.filename_prefix=\"42\"")
+    assert code == 0, err
+    prompt = json.loads(target.read_text())
+    assert prompt["7"]["inputs"]["cfg"] == 6.5 and prompt["7"]["inputs"]["scheduler"] == "karras"
+    assert prompt["2"]["inputs"]["text_l"] == "(cat:1.2), 3 dogs"
+    assert prompt["9"]["inputs"]["filename_prefix"] == "42"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: execute()/ConsoleProgress bind `out=sys.stdout` at import time, so "
+                   "redirecting sys.stdout in-process does not capture 'saved …'/'done …' (see report)")
+def test_run_output_follows_sys_stdout(d):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli.main(["run", str(WORKFLOWS / "sdxl_base.json"), *SMALL_BASE, *folders(d)])
+    assert code == 0
+    assert f"saved {d['output'] / 'sdxl_base_00001_.png'}" in buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# One real subprocess run of the console script
+
+
+@pytest.fixture(scope="module")
+def script_run(tmp_path_factory, models_dir):
+    """`sdxl-nodes run sdxl_base.json` with the refiner checkpoint, in a fresh interpreter."""
+    script = Path(sys.executable).parent / "sdxl-nodes"
+    assert script.exists(), f"console script not installed next to {sys.executable}"
+    tmp = tmp_path_factory.mktemp("script")
+    out_dir = tmp / "output"
+    argv = [str(script), "run", str(WORKFLOWS / "sdxl_base.json"), "--models-dir", str(models_dir),
+            "--input-dir", str(tmp / "input"), "--output-dir", str(out_dir), "--temp-dir", str(tmp / "temp"),
+            *SMALL_BASE, "--set", f"1.ckpt_name={REFINER}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp)
+    return proc, tmp
+
+
+def test_console_script_exit_code_and_message(script_run):
+    proc, tmp = script_run
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        "error in node 4 (SDXLSizeCropConditioning): The prompt comes from an SDXL refiner checkpoint, but this "
+        "node needs the base's. Encode it with the base checkpoint's clip, or use SDXL Refiner Conditioning for "
+        "the refiner."
+    )
+    assert not (tmp / "output").exists() or list((tmp / "output").rglob("*")) == []
+    assert not (tmp / "temp").exists() or list((tmp / "temp").rglob("*")) == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the executor logs every node failure at ERROR with exc_info, so the "
+                   "console script prints a 30-line traceback before the one-line message (see report)")
+def test_console_script_prints_no_traceback_for_a_user_error(script_run):
+    proc, _ = script_run
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
