@@ -8,6 +8,7 @@ input/output/temp folders) and ComfyUI's torch device.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -56,8 +57,8 @@ class Environment:
             if path:
                 return Path(path)
         for d in self.checkpoint_dirs:
-            p = (d / name).resolve()
-            if p.is_file() and d.resolve() in p.parents:
+            p = _inside(d, name)
+            if p is not None and p.is_file():
                 return p
         where = ", ".join(str(d) for d in self.checkpoint_dirs) or "(no models folder configured)"
         raise NodeInputError(
@@ -75,11 +76,23 @@ class Environment:
         )
 
     def input_image_path(self, name: str) -> Path:
-        root = self.input_dir.resolve()
-        p = (root / name).resolve()
-        if root not in p.parents or not p.is_file():
+        root = _lexical(self.input_dir)
+        p = _inside(root, name)
+        if p is None or not p.is_file():
             raise NodeInputError(f"image '{name}' not found in the input folder {root}")
         return p
+
+
+def _lexical(path: Path) -> Path:
+    """Absolute, with '..' removed, symlinks NOT followed (a linked model file is the user's choice)."""
+    return Path(os.path.abspath(path))
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    """folder/name if that stays inside folder after normalising '..'; None if it escapes."""
+    root = _lexical(folder)
+    p = _lexical(root / name)
+    return p if root in p.parents else None
 
 
 _lock = threading.Lock()
@@ -99,7 +112,7 @@ def configure(
     dirs: list[Path] = []
     if models_dir is not None:
         m = Path(models_dir)
-        dirs = [m / "checkpoints", m] if (m / "checkpoints").is_dir() else [m]
+        dirs = [m / "checkpoints"] if (m / "checkpoints").is_dir() else [m]  # a ComfyUI models/ folder, or the files
     out = Path(output_dir)
     env = Environment(
         checkpoint_dirs=dirs,
@@ -142,7 +155,7 @@ def current() -> Environment:
                 _current = _from_comfyui()
             else:
                 _current = Environment(
-                    checkpoint_dirs=[Path("models/checkpoints"), Path("models")],
+                    checkpoint_dirs=[Path("models/checkpoints")],
                     input_dir=Path("input"),
                     output_dir=Path("output"),
                     temp_dir=Path("temp"),

@@ -30,6 +30,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = PACKAGE_ROOT / "workflows"
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+# exception types that mean "the input was wrong" (their message says what to do; no traceback)
+USER_ERROR_TYPES = ("NodeInputError", "CheckpointError", "ConditioningError", "SamplingError", "SDXLError")
 
 
 class CLIError(Exception):
@@ -99,7 +101,13 @@ def format_errors(error: dict, node_errors: dict, prompt: dict) -> str:
     lines = [f"error: {error.get('message', error)}" + (f": {error['details']}" if error.get("details") else "")]
     for node_id, entry in node_errors.items():
         title = prompt.get(node_id, {}).get("_meta", {}).get("title") or entry.get("class_type", "")
+        seen_custom = set()
         for err in entry.get("errors", []):
+            if err.get("type") == "custom_validation_failed":  # ComfyUI repeats it under every input
+                text = str(err.get("details", "")).split(" - ", 1)[-1]
+                if text in seen_custom:
+                    continue
+                seen_custom.add(text)
             where = err.get("extra_info", {}).get("input_name")
             lines.append(f"  node {node_id} ({title})" + (f", input '{where}'" if where else "")
                          + f": {err.get('message')}" + (f": {err['details']}" if err.get("details") else ""))
@@ -109,8 +117,8 @@ def format_errors(error: dict, node_errors: dict, prompt: dict) -> str:
 class ConsoleProgress:
     """Turns executor events into a tqdm bar per sampler and a line per saved file."""
 
-    def __init__(self, prompt: dict, out=sys.stdout):
-        self.prompt, self.out = prompt, out
+    def __init__(self, prompt: dict, out=None):
+        self.prompt, self.out = prompt, out or sys.stdout
         self.bar = None
         self.bar_node = None
         self.saved: list[str] = []
@@ -151,8 +159,9 @@ class ConsoleProgress:
             self.close_bar()
 
 
-def execute(loaded: LoadedWorkflow, args, *, out=sys.stdout) -> int:
+def execute(loaded: LoadedWorkflow, args, *, out=None) -> int:
     """Validate and run a loaded workflow with our node pack; returns the exit code."""
+    out = out or sys.stdout
     from .executor import Executor
 
     classes, _names = node_pack()
@@ -189,6 +198,8 @@ def execute(loaded: LoadedWorkflow, args, *, out=sys.stdout) -> int:
         print("interrupted; nothing more was saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     err = result.error or {}
+    if not err.get("exception_type", "").endswith(USER_ERROR_TYPES):  # a bug, not bad input: show where
+        print("".join(err.get("traceback") or []), file=sys.stderr, end="")
     print(f"error in node {err.get('node_id')} ({err.get('node_type')}): {err.get('exception_message')}",
           file=sys.stderr)
     return EXIT_FAILED
@@ -196,9 +207,32 @@ def execute(loaded: LoadedWorkflow, args, *, out=sys.stdout) -> int:
 
 def load(args) -> LoadedWorkflow:
     classes, names = node_pack()
-    loaded = load_workflow(args.file, object_info_for(classes, names))
+    info = object_info_for(classes, names)
+    loaded = load_workflow(args.file, info)
     apply_overrides(loaded.prompt, args.set or [])
+    if loaded.workflow is not None:
+        apply_overrides_to_ui(loaded.workflow, args.set or [], info)
     return loaded
+
+
+def apply_overrides_to_ui(workflow: dict, overrides: list[str], info: dict) -> None:
+    """Write --set values into the UI workflow too, so the PNG it is embedded in reproduces the image."""
+    from .workflow import widget_layout
+
+    nodes = {str(n.get("id")): n for n in workflow.get("nodes", [])}
+    for item in overrides:
+        target, _, raw = item.partition("=")
+        node_id, _, name = target.partition(".")
+        node = nodes.get(node_id)
+        if node is None or node.get("type") not in info:
+            continue
+        names = [n for n, _companion in widget_layout(info[node["type"]])]
+        values = node.get("widgets_values")
+        if name in names and isinstance(values, list) and names.index(name) < len(values):
+            try:
+                values[names.index(name)] = json.loads(raw)
+            except json.JSONDecodeError:
+                values[names.index(name)] = raw
 
 
 # ------------------------------------------------------------------------------------------------

@@ -459,7 +459,8 @@ class _Run:
             except Interrupted:
                 return self.interrupted(nid, node["class_type"])
             except Exception as e:
-                log.error("node %s (%s) failed: %s", nid, node["class_type"], e, exc_info=True)
+                log.info("node %s (%s) failed: %s", nid, node["class_type"], e)  # reported via execution_error
+                log.debug("traceback of node %s", nid, exc_info=True)
                 self.set_state(nid, "error")
                 current = {k: [_format_value(v)] for k, v in kwargs.items()
                            if not isinstance(v, ProgressReporter)}

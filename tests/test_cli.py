@@ -195,8 +195,6 @@ def test_no_checkpoints_in_the_models_folder(capsys, d):
     assert_nothing_written(d)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with a ComfyUI models/ folder every checkpoint is listed twice "
-                   "('x' and 'checkpoints/x'): configure() scans models/ recursively too (see report)")
 def test_checkpoint_list_of_a_comfyui_models_folder(d):
     env = environment.configure(models_dir=d["models"], output_dir=d["output"])
     assert env.checkpoint_names() == [BASE, REFINER]
@@ -210,17 +208,12 @@ def test_width_not_a_multiple_of_8(capsys, d):
     assert_nothing_written(d)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the custom-validation message is printed once per input of the "
-                   "node (3 times for SDXL Empty Latent), the last two under unrelated inputs (see report)")
 def test_custom_validation_error_is_printed_once(capsys, d):
     code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1004")
     assert code == 2
     assert err.count("not a multiple of 8") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a width that is a multiple of 8 but not of 32 (1000 → 125 latent "
-                   "pixels) crashes inside the UNet (skip size mismatch); ComfyUI upsamples to the skip's size "
-                   "(see report)")
 def test_width_1000_runs(capsys, d):
     code, _, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1000",
                        "--set", "6.height=64", "--set", "7.steps=2")
@@ -305,8 +298,6 @@ def test_set_parses_json_values_and_plain_text(capsys, d):
     assert prompt["9"]["inputs"]["filename_prefix"] == "42"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: execute()/ConsoleProgress bind `out=sys.stdout` at import time, so "
-                   "redirecting sys.stdout in-process does not capture 'saved …'/'done …' (see report)")
 def test_run_output_follows_sys_stdout(d):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -346,8 +337,6 @@ def test_console_script_exit_code_and_message(script_run):
     assert not (tmp / "temp").exists() or list((tmp / "temp").rglob("*")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the executor logs every node failure at ERROR with exc_info, so the "
-                   "console script prints a 30-line traceback before the one-line message (see report)")
 def test_console_script_prints_no_traceback_for_a_user_error(script_run):
     proc, _ = script_run
     assert "Traceback" not in proc.stderr

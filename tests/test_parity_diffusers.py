@@ -66,15 +66,17 @@ def diffusers_unet(cfg, sd) -> UNet2DConditionModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["base", "refiner"])
-def test_unet_matches_diffusers(kind, tiny_checkpoints, tiny_base, tiny_refiner):
+@pytest.mark.parametrize("kind,hw", [("base", (16, 24)), ("refiner", (16, 24)), ("base", (13, 21)),
+                                     ("refiner", (125, 9))])
+def test_unet_matches_diffusers(kind, hw, tiny_checkpoints, tiny_base, tiny_refiner):
+    """(13, 21) and (125, 9): sides that are not multiples of the UNet's total downsampling (e.g. 1000 px)."""
     ours = tiny_base if kind == "base" else tiny_refiner
     cfg = ours.config
     ref = diffusers_unet(cfg, load_file(str(tiny_checkpoints[kind])))
 
     g = torch.Generator().manual_seed(0)
     b, n_tok = 2, 77 * 2
-    x = torch.randn(b, 4, 16, 24, generator=g)
+    x = torch.randn(b, 4, *hw, generator=g)
     t = torch.tensor([999.0, 421.0])
     ctx = torch.randn(b, n_tok, cfg.unet.context_dim, generator=g)
     pooled = torch.randn(b, cfg.clip_g.projection_dim, generator=g)

@@ -63,7 +63,7 @@ def models_dir(tmp_path_factory, tiny_checkpoints):
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    # hard links, not symlinks: a symlinked checkpoint is rejected at run time (see the xfail test below)
+    # hard links keep the fixture independent of the symlink handling tested below
     try:
         os.link(src, dst)
     except OSError:
@@ -210,8 +210,6 @@ def test_saved_png_reruns_to_the_same_pixels(dirs, tmp_path, capsys):
     assert read_png_text(first.read_bytes())["workflow"] == read_png_text(second.read_bytes())["workflow"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `run --set` changes the API prompt but embeds the unchanged UI "
-                   "workflow, so the PNG's workflow no longer reproduces the image (see report)")
 def test_set_overrides_are_reflected_in_the_embedded_workflow(dirs, capsys):
     args = ["--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=2", "--set", "7.seed=5"]
     assert cli.main(["run", str(WORKFLOWS / "sdxl_base.json"), *args, *cli_args(dirs)]) == 0
@@ -223,8 +221,6 @@ def test_set_overrides_are_reflected_in_the_embedded_workflow(dirs, capsys):
     assert load_workflow(png, info()).prompt == executed  # dragging the PNG into the editor gives this image
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Environment.checkpoint_path resolves symlinks before the "
-                   "containment check, so a symlinked checkpoint is listed but cannot be loaded (see report)")
 def test_symlinked_checkpoint_loads(tmp_path, tiny_checkpoints, monkeypatch):
     monkeypatch.setattr(environment, "_current", None)
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
