@@ -162,3 +162,28 @@ def current() -> Environment:
                     manager=ModelManager(RuntimeOptions()),
                 )
         return _current
+
+
+def system_info() -> dict:
+    """What /api/system_stats reports about the compute device (the editor's About panel)."""
+    import psutil
+    import torch
+
+    env = current()
+    device = torch.device(env.manager.options.device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        name = f"{device} {torch.cuda.get_device_name(device)}"
+    else:
+        vm = psutil.virtual_memory()
+        free, total, name = vm.available, vm.total, "cpu"
+    return {
+        "system": {"pytorch_version": torch.__version__},
+        "devices": [{"name": name, "type": device.type, "index": device.index or 0, "vram_total": total,
+                     "vram_free": free, "torch_vram_total": total, "torch_vram_free": free}],
+    }
+
+
+def free_models(_body: dict | None = None) -> None:
+    """/api/free: unload every resident network (they load again on next use)."""
+    current().manager.unload_all()

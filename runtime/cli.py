@@ -293,11 +293,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from ..nodes.environment import free_models, system_info
     from . import server
 
     configure_environment(args)
     classes, names = node_pack()
-    return server.serve_from_cli(args, classes, names)
+    return server.serve_from_cli(args, classes, names, system_info=system_info, on_free=free_models)
 
 
 # ------------------------------------------------------------------------------------------------
