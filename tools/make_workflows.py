@@ -53,20 +53,20 @@ def note(i, x, y, text):
 
 
 BASE_TEXT_NODES = [encode(2, 420, 40, POSITIVE, "Positive prompt (base)"),
-                   encode(3, 420, 330, NEGATIVE, "Negative prompt (base)"),
-                   sizecrop(4, 860, 40, "Positive size/crop"), sizecrop(5, 860, 330, "Negative size/crop")]
+                   encode(3, 420, 420, NEGATIVE, "Negative prompt (base)"),
+                   sizecrop(4, 860, 40, "Positive size/crop"), sizecrop(5, 860, 360, "Negative size/crop")]
 BASE_TEXT_LINKS = [(1, "clip", 2, "clip"), (1, "clip", 3, "clip"), (2, "text", 4, "text"), (3, "text", 5, "text")]
-REFINER_TEXT_NODES = [encode(11, 420, 700, POSITIVE, "Positive prompt (refiner)"),
-                      encode(12, 420, 990, NEGATIVE, "Negative prompt (refiner)"),
-                      refcond(13, 860, 700, 6.0, "Positive aesthetic (refiner)"),
-                      refcond(14, 860, 990, 2.5, "Negative aesthetic (refiner)")]
+REFINER_TEXT_NODES = [encode(11, 420, 900, POSITIVE, "Positive prompt (refiner)"),
+                      encode(12, 420, 1280, NEGATIVE, "Negative prompt (refiner)"),
+                      refcond(13, 860, 900, 6.0, "Positive aesthetic (refiner)"),
+                      refcond(14, 860, 1100, 2.5, "Negative aesthetic (refiner)")]
 REFINER_TEXT_LINKS = [(10, "clip", 11, "clip"), (10, "clip", 12, "clip"), (11, "text", 13, "text"),
                       (12, "text", 14, "text")]
 
 WORKFLOWS = {
     "sdxl_base": dict(
         nodes=[base_loader(1, 40, 120), *BASE_TEXT_NODES,
-               (6, "SDXLEmptyLatent", (860, 620), {"width": 1024, "height": 1024, "batch_size": 1}, None),
+               (6, "SDXLEmptyLatent", (860, 680), {"width": 1024, "height": 1024, "batch_size": 1}, None),
                (7, "SDXLBaseSampler", (1280, 120), {"seed": SEED, "steps": 25, "cfg": 8.0, "sampler_name": "euler",
                                                      "scheduler": "normal", "denoise_end": 1.0}, None),
                (8, "SDXLVAEDecode", (1700, 120), {}, None),
@@ -80,15 +80,15 @@ WORKFLOWS = {
     ),
     "sdxl_base_refiner": dict(
         nodes=[base_loader(1, 40, 120), *BASE_TEXT_NODES,
-               (6, "SDXLEmptyLatent", (860, 620), {"width": 1024, "height": 1024, "batch_size": 1}, None),
+               (6, "SDXLEmptyLatent", (860, 680), {"width": 1024, "height": 1024, "batch_size": 1}, None),
                (7, "SDXLBaseSampler", (1280, 120), {"seed": SEED, "steps": 25, "cfg": 8.0, "sampler_name": "euler",
                                                      "scheduler": "normal", "denoise_end": 0.8}, "Base: steps 0–20"),
-               refiner_loader(10, 40, 800), *REFINER_TEXT_NODES,
-               (15, "SDXLNoiseAndRefine", (1280, 700), {"seed": 0, "cfg": 8.0, "sampler_name": "euler",
+               refiner_loader(10, 40, 1000), *REFINER_TEXT_NODES,
+               (15, "SDXLNoiseAndRefine", (1280, 900), {"seed": 0, "cfg": 8.0, "sampler_name": "euler",
                                                          "mode": "continue", "steps": 25, "scheduler": "normal",
                                                          "strength": 0.3}, "Refiner: steps 20–25"),
-               (8, "SDXLVAEDecode", (1700, 700), {}, None),
-               (9, "SDXLSaveImage", (1940, 700), {"filename_prefix": "sdxl_refined"}, None),
+               (8, "SDXLVAEDecode", (1700, 900), {}, None),
+               (9, "SDXLSaveImage", (1940, 900), {"filename_prefix": "sdxl_refined"}, None),
                note(20, 40, 420, "SDXL base + refiner, the official split (ComfyUI's KSamplerAdvanced pair).\n\n"
                     "The base runs the first 80 % of a 25-step schedule (denoise_end 0.8) and hands its still-noisy "
                     "latent to the refiner, which finishes steps 20–25 without adding noise ('continue'). The "
@@ -102,13 +102,13 @@ WORKFLOWS = {
     ),
     "sdxl_refine_image": dict(
         nodes=[(1, "SDXLLoadImage", (40, 120), {"image": "example.png", "upload": "image"}, None),
-               refiner_loader(10, 40, 800), *REFINER_TEXT_NODES,
+               refiner_loader(10, 40, 1000), *REFINER_TEXT_NODES,
                (2, "SDXLVAEEncode", (420, 120), {}, None),
-               (15, "SDXLNoiseAndRefine", (1280, 700), {"seed": 42, "cfg": 8.0, "sampler_name": "euler",
+               (15, "SDXLNoiseAndRefine", (1280, 900), {"seed": 42, "cfg": 8.0, "sampler_name": "euler",
                                                          "mode": "renoise", "steps": 20, "scheduler": "normal",
                                                          "strength": 0.3}, "Refine: renoise 30 %"),
-               (8, "SDXLVAEDecode", (1700, 700), {}, None),
-               (9, "SDXLSaveImage", (1940, 700), {"filename_prefix": "sdxl_refined_image"}, None),
+               (8, "SDXLVAEDecode", (1700, 900), {}, None),
+               (9, "SDXLSaveImage", (1940, 900), {"filename_prefix": "sdxl_refined_image"}, None),
                note(20, 40, 420, "Refine an existing image with the SDXL refiner (SDEdit).\n\nLoad an image (upload "
                     "one with the button), encode it with the VAE, add seeded noise at 'strength' (0.3 keeps the "
                     "composition and sharpens detail) and denoise it with the refiner.")],
@@ -118,17 +118,17 @@ WORKFLOWS = {
                (8, "IMAGE", 9, "images")],
     ),
     "sdxl_img2img": dict(
-        nodes=[base_loader(10, 40, 800), (1, "SDXLLoadImage", (40, 120), {"image": "example.png", "upload": "image"},
+        nodes=[base_loader(10, 40, 1000), (1, "SDXLLoadImage", (40, 120), {"image": "example.png", "upload": "image"},
                                           None),
-               encode(11, 420, 700, POSITIVE, "Positive prompt"), encode(12, 420, 990, NEGATIVE, "Negative prompt"),
-               sizecrop(13, 860, 700, "Positive size/crop"), sizecrop(14, 860, 990, "Negative size/crop"),
+               encode(11, 420, 900, POSITIVE, "Positive prompt"), encode(12, 420, 1280, NEGATIVE, "Negative prompt"),
+               sizecrop(13, 860, 900, "Positive size/crop"), sizecrop(14, 860, 1220, "Negative size/crop"),
                (2, "SDXLVAEEncode", (420, 120), {}, None),
-               (15, "SDXLNoiseAndRefine", (1280, 700), {"seed": 7, "cfg": 7.0, "sampler_name": "dpmpp_2m",
+               (15, "SDXLNoiseAndRefine", (1280, 900), {"seed": 7, "cfg": 7.0, "sampler_name": "dpmpp_2m",
                                                          "mode": "renoise", "steps": 25, "scheduler": "karras",
                                                          "strength": 0.6}, "img2img: renoise 60 %"),
-               (8, "SDXLVAEDecode", (1700, 700), {}, None),
+               (8, "SDXLVAEDecode", (1700, 900), {}, None),
                (9, "SDXLPreviewImage", (1940, 400), {}, None),
-               (16, "SDXLSaveImage", (1940, 700), {"filename_prefix": "sdxl_img2img"}, None),
+               (16, "SDXLSaveImage", (1940, 900), {"filename_prefix": "sdxl_img2img"}, None),
                note(20, 40, 420, "Image-to-image with the SDXL base.\n\nThe loaded image is encoded, noised to 60 % "
                     "(strength) and redrawn by the base model following the prompt (dpmpp_2m, karras). Lower "
                     "strength keeps more of the original.")],
@@ -140,7 +140,7 @@ WORKFLOWS = {
     ),
 }
 
-SIZES = {"SDXLDualCLIPEncode": (400, 260), "Note": (340, 220)}
+SIZES = {"SDXLDualCLIPEncode": (400, 340), "SDXLSizeCropConditioning": (320, 280), "Note": (340, 220)}
 
 
 def build(name: str, spec: dict) -> tuple[dict, dict]:
