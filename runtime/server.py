@@ -553,7 +553,8 @@ class PromptServer:
     # -- queue worker -------------------------------------------------------------------------
 
     async def _worker_loop(self) -> None:
-        assert self._wakeup is not None and self.loop is not None
+        if self._wakeup is None or self.loop is None:
+            raise RuntimeError("internal: the queue worker started before the app")
         while True:
             while not self.queue:
                 self._wakeup.clear()
@@ -708,7 +709,8 @@ class PromptServer:
             if self.on_free is not None:
                 self.on_free(dict(body))
 
-        assert self.loop is not None
+        if self.loop is None:
+            raise RuntimeError("internal: /api/free before the app started")
         future = self.loop.run_in_executor(self.pool, free)
         future.add_done_callback(_log_failure)
         return web.Response(status=200)
@@ -1481,7 +1483,8 @@ class BackgroundServer:
             raise TimeoutError(f"the server did not start within {timeout} s")
         if failure:
             raise failure[0]
-        assert self.url is not None
+        if self.url is None:
+            raise RuntimeError("internal: the server started without a URL")
         return self.url
 
     def stop(self, timeout: float = 30.0) -> None:
