@@ -169,13 +169,13 @@ def main() -> None:
     # websocket latency: stamp each executor event where it is emitted
     srv = server_of(app)
     emitted: list[tuple[str, float]] = []
-    original = srv.executor.on_event
+    original = srv.queue.executor.on_event
 
     def stamped(name, data):
         emitted.append((name, time.perf_counter()))
         original(name, data)
 
-    srv.executor.on_event = stamped
+    srv.queue.executor.on_event = stamped
     prompt = run_prompt(args.nodes, url, args.size, args.steps)
     peak, sampling = [idle], threading.Event()
 
