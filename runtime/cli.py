@@ -336,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     sp.add_argument("--port", type=int, default=8188, help="port (default: 8188; 0 picks a free one)")
     sp.add_argument("--user-dir", default="user", help="settings and saved workflows (default: ./user)")
+    sp.add_argument("--token", default=None, help="require this access token (one is generated whenever --host "
+                    "is not a loopback address); the printed URL carries it")
+    sp.add_argument("--allow-host", action="append", metavar="NAME", help="also answer requests for this host "
+                    "name (besides localhost and IP addresses; repeatable)")
+    sp.add_argument("--limit", action="append", metavar="NAME=VALUE", help="change one limit of runtime/limits.py, "
+                    "e.g. --limit image_pixels=100000000 (repeatable)")
     folders(sp)
     sp.set_defaults(func=cmd_serve)
 

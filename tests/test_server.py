@@ -13,14 +13,16 @@ import os
 import struct
 import threading
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import stub_nodes
-from aiohttp import FormData, WSMsgType
+from aiohttp import FormData, WSMsgType, WSServerHandshakeError
 from PIL import Image
 
+from sdxl_nodes.runtime.limits import Limits
 from sdxl_nodes.runtime.server import create_app, preview_frame, server_of
 
 pytestmark = pytest.mark.asyncio
@@ -182,7 +184,7 @@ async def test_boot_endpoints(client):
 
     features = await (await client.get("/api/features")).json()
     assert features["supports_preview_metadata"] is True and features["sdxl_nodes_standalone"] is True
-    assert features["max_upload_size"] == 100 * 1024 * 1024
+    assert features["max_upload_size"] == Limits().request_bytes  # one upload request, all fields
     assert await (await client.get("/api/i18n")).json() == {}
     assert await (await client.get("/api/global_subgraphs")).json() == {}
     assert await (await client.get("/api/node_replacements")).json() == {}
@@ -753,3 +755,311 @@ def test_server_module_does_not_import_torch():
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr or result.stdout
+
+
+# -------------------------------------------------------------------------------------------------
+# hardening (issue 10) and the first hour with `serve` (issue 9)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of ``width`` × ``height``: tiny on disk, huge once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    z = zlib.compressobj(9)
+    body, left = [], height
+    while left:
+        n = min(left, 2048)
+        body.append(z.compress(row * n))
+        left -= n
+    body.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(body)) + chunk(b"IEND", b"")
+
+
+def strict_json(text: str):
+    """Parse like a browser: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_host_allowlist_and_origin_stop_dns_rebinding(aiohttp_client, make_app):
+    client = await aiohttp_client(make_app(allow_hosts=["studio.lan"]))
+    port = client.port
+    # the attack: a page on evil.example, whose name now resolves to 127.0.0.1
+    evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    for method, path, body in (("post", "/api/prompt", {"prompt": simple_prompt()}),
+                               ("post", "/api/settings", {"A": 1}), ("get", "/api/userdata?dir=workflows", None)):
+        r = await getattr(client, method)(path, json=body, headers=evil)
+        assert r.status == 403, (path, r.status)
+        assert "host name" in (await r.json())["error"]
+    assert (await client.get("/api/settings", headers={"Host": f"evil.example:{port}"})).status == 403
+    assert "A" not in await (await client.get("/api/settings")).json()
+    # loopback names, IP literals and --allow-host names are served
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"192.168.1.20:{port}",
+                 f"studio.lan:{port}", f"app.localhost:{port}"):
+        r = await client.get("/api/settings", headers={"Host": host, "Origin": f"http://{host}"})
+        assert r.status == 200, host
+    # the Origin must match scheme, host and port
+    me = f"127.0.0.1:{port}"
+    for origin in (f"https://{me}", f"http://127.0.0.1:{port + 1}", f"http://localhost:{port}", "null"):
+        r = await client.post("/api/settings", json={"B": 1}, headers={"Host": me, "Origin": origin})
+        assert r.status == 403, origin
+
+
+async def test_token_is_required_by_bearer_cookie_or_the_printed_url(aiohttp_client, make_app):
+    client = await aiohttp_client(make_app(token="s3cret-token"))
+    for path in ("/api/queue", "/api/settings", "/", "/api/view?filename=x.png"):
+        r = await client.get(path)
+        assert r.status == 401, path
+        assert "token" in (await r.json())["error"]
+    assert (await client.get("/api/queue", headers={"Authorization": "Bearer wrong"})).status == 401
+    assert (await client.get("/api/queue", headers={"Authorization": "Bearer s3cret-token"})).status == 200
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws?clientId=x")
+    assert refused.value.status == 401
+    # the printed URL: sets a cookie, drops the token from the address bar
+    r = await client.get("/?token=s3cret-token", allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"] == "/"
+    cookie = r.cookies[f"sdxl_nodes_token_{client.port}"]
+    assert cookie.value == "s3cret-token" and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert (await client.get("/api/queue")).status == 200  # the test client keeps cookies, as a browser does
+    ws = await open_ws(client, "with-cookie")
+    await ws.close()
+
+
+async def test_corrupt_settings_are_kept_aside_not_overwritten(aiohttp_client, make_app, dirs, caplog):
+    settings = dirs["user"] / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    for broken in ('{"Comfy.Theme": "dark", oops', "[1, 2]"):
+        for old in settings.parent.glob("comfy.settings.json.corrupt-*"):
+            old.unlink()
+        settings.write_text(broken)
+        client = await aiohttp_client(make_app())
+        assert await (await client.get("/api/settings")).json() == {"Comfy.TutorialCompleted": True}
+        assert (await client.post("/api/settings", json={"A.b": 1})).status == 200
+        kept = list(settings.parent.glob("comfy.settings.json.corrupt-*"))
+        assert len(kept) == 1 and kept[0].read_text() == broken  # the user's bytes survive
+        assert json.loads(settings.read_text()) == {"A.b": 1}
+        assert any("unusable" in r.getMessage() and str(kept[0]) in r.getMessage() for r in caplog.records)
+        await client.close()
+
+
+async def test_a_bad_extra_pnginfo_never_breaks_the_jobs_api(client, make_app):
+    r = await client.post("/api/prompt", json={"prompt": simple_prompt(), "extra_data": {"extra_pnginfo": "x"}})
+    assert r.status == 400 and "extra_pnginfo" in (await r.json())["error"]["message"]
+    # even if such an entry reaches the history (an embedding app), /api/jobs keeps answering
+    srv = server_of(client.server.app)
+    for bad in ("x", ["y"], {"workflow": "z"}, {"workflow": ["w"]}):
+        srv.queue.history[str(uuid.uuid4())] = {
+            "prompt": [0, "id", simple_prompt(), {"extra_pnginfo": bad, "create_time": 1}, ["2"]],
+            "outputs": {}, "status": {"status_str": "success", "completed": True, "messages": []}, "meta": {}}
+    r = await client.get("/api/jobs?status=completed,failed,cancelled&limit=64&offset=0")
+    assert r.status == 200 and len((await r.json())["jobs"]) == 4
+    pid = next(iter(srv.queue.history))
+    assert (await client.get(f"/api/jobs/{pid}")).status == 200
+
+
+async def test_nan_number_is_refused_and_history_stays_strict_json(client):
+    for raw in (b'{"prompt": %s, "number": NaN}', b'{"prompt": %s, "number": Infinity}',
+                b'{"prompt": %s, "number": "nan"}', b'{"prompt": %s, "number": 1e999}',
+                b'{"prompt": %s, "number": true}'):
+        r = await client.post("/api/prompt", data=raw % json.dumps(simple_prompt()).encode())
+        assert r.status == 400, raw
+        assert (await r.json())["error"]["type"] == "invalid_prompt"
+    r = await client.post("/api/prompt", data=b'{"prompt": {"1": {"class_type": "StubNumber", "inputs": '
+                                              b'{"value": NaN}}, "2": {"class_type": "StubSaveText", '
+                                              b'"inputs": {"value": ["1", 0]}}}}')
+    assert r.status == 400
+    status, ok = await post_prompt(client, simple_prompt(), number=2.5)
+    assert status == 200
+    await wait_history(client, ok["prompt_id"])
+    for path in ("/api/history", "/api/queue", "/api/jobs"):
+        strict_json(await (await client.get(path)).text())
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+MULTIPART = "multipart/form-data; boundary=XyZ"
+
+
+@pytest.mark.parametrize("case", [
+    "class_type list", "class_type dict", "_meta string", "_meta list", "nested 5000", "nested 100000",
+    "5000-digit integer", "settings nested 5000", "settings 5000-digit integer", "setting nested 100000",
+    "upload 300-char filename", "upload NUL in filename", "upload broken multipart"])
+async def test_former_500s_are_400s_with_a_message(client, dirs, case):
+    """The 13 requests that answered HTTP 500 in the attack run (issue 10, finding 6)."""
+    prompt = simple_prompt()
+    if case.startswith("class_type"):
+        prompt["1"]["class_type"] = ["StubNumber"] if "list" in case else {"a": 1}
+        r = await client.post("/api/prompt", json={"prompt": prompt})
+    elif case.startswith("_meta"):
+        prompt["1"]["_meta"] = "title" if "string" in case else ["t"]
+        r = await client.post("/api/prompt", json={"prompt": prompt})
+    elif case.startswith("nested"):
+        r = await client.post("/api/prompt", data=_nested(int(case.split()[1])))
+    elif case == "5000-digit integer":
+        r = await client.post("/api/prompt", data=json.dumps({"prompt": simple_prompt()}).replace(
+            '"value": 3', '"value": ' + "9" * 5000).encode())
+    elif case == "settings nested 5000":
+        r = await client.post("/api/settings", data=b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    elif case == "settings 5000-digit integer":
+        r = await client.post("/api/settings", data=b'{"a": ' + b"7" * 5000 + b"}")
+    elif case == "setting nested 100000":
+        r = await client.post("/api/settings/X", data=b"[" * 100000 + b"]" * 100000)
+    elif case == "upload 300-char filename":
+        r = await upload(client, png_bytes(), name="a" * 296 + ".png")
+    elif case == "upload NUL in filename":
+        body = (b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a\x00b.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--XyZ--\r\n")
+        r = await client.post("/api/upload/image", data=body, headers={"Content-Type": MULTIPART})
+    else:
+        body = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + png_bytes()[:20]
+        r = await client.post("/api/upload/image", data=body, headers={"Content-Type": MULTIPART})
+    text = await r.text()
+    assert r.status == 400, (case, r.status, text[:300])
+    assert "Traceback" not in text and len(text) < 2000
+    message = json.dumps(json.loads(text))
+    assert any(word in message for word in ("class_type", "_meta", "json_depth", "int_digits", "bytes long",
+                                            "invalid file name", "multipart")), message
+    assert (await client.get("/api/queue")).status == 200
+    assert sorted(p.name for p in dirs["input"].iterdir()) == [] if dirs["input"].exists() else True
+
+
+async def test_each_limit_is_refused_naming_its_setting(aiohttp_client, make_app, dirs):
+    limits = Limits(json_depth=8, int_digits=5, request_bytes=4000, image_pixels=64 * 64)
+    client = await aiohttp_client(make_app(limits=limits))
+    cases = [
+        ("json_depth", await client.post("/api/settings", data=b'{"a": ' + b"[" * 9 + b"]" * 9 + b"}")),
+        ("int_digits", await client.post("/api/settings", data=b'{"a": 123456}')),
+        ("request_bytes", await client.post("/api/settings", json={"a": "x" * 5000})),
+        ("request_bytes", await upload(client, png_bytes() + b"\0" * 5000)),
+        ("image_pixels", await upload(client, png_bytes(size=(65, 64)))),
+    ]
+    for name, r in cases:
+        assert r.status in (400, 413), name
+        assert name in (await r.json())["error"], name
+    assert (await client.post("/api/settings", data=b'{"a": [[[[[[[1]]]]]]], "b": 12345}')).status == 200
+    assert (await upload(client, png_bytes(size=(64, 64)))).status == 200
+
+
+async def test_pixel_bombs_are_refused_from_the_header(client, dirs):
+    for side in (13000, 30000):
+        data = png_declaring(side, side)
+        assert len(data) < 300_000
+        r = await upload(client, data, name=f"bomb{side}.png")
+        assert r.status == 400, side
+        error = (await r.json())["error"]
+        assert "image_pixels" in error, error
+        assert not (dirs["input"] / f"bomb{side}.png").exists()
+    # a huge image already in a folder: served as a file, never decoded for a preview
+    (dirs["output"] / "huge.png").write_bytes(png_declaring(13000, 13000))
+    r = await client.get("/api/view", params={"filename": "huge.png", "preview": "webp;50"})
+    assert r.status == 400 and "image_pixels" in (await r.json())["error"]
+    r = await client.get("/api/view", params={"filename": "huge.png", "channel": "rgb"})
+    assert r.status == 400
+    r = await client.get("/api/view", params={"filename": "huge.png"})
+    assert r.status == 200 and await r.read() == (dirs["output"] / "huge.png").read_bytes()
+
+
+async def test_the_upload_limit_counts_the_whole_request(aiohttp_client, make_app, dirs):
+    client = await aiohttp_client(make_app(max_upload_bytes=4000))
+    form = FormData()
+    for i in range(4):  # four fields under the limit each, over it together
+        form.add_field(f"extra{i}", "x" * 1500)
+    form.add_field("image", png_bytes(), filename="pic.png", content_type="image/png")
+    r = await client.post("/api/upload/image", data=form)
+    assert r.status == 413 and "request_bytes" in (await r.json())["error"]
+    assert not (dirs["input"] / "pic.png").exists()
+
+
+async def test_stale_partial_files_are_removed_at_start_and_never_served(aiohttp_client, make_app, dirs):
+    (dirs["output"] / "sub").mkdir(parents=True)
+    dirs["temp"].mkdir()
+    stale = [dirs["output"] / ".partial-k2j3h4.png", dirs["output"] / "sub" / ".partial-x.png",
+             dirs["temp"] / ".partial-y.png"]
+    for p in stale:
+        p.write_bytes(png_bytes()[:30])
+    keep = dirs["output"] / "ComfyUI_00001_.png"
+    keep.write_bytes(png_bytes())
+    client = await aiohttp_client(make_app())
+    assert not any(p.exists() for p in stale) and keep.exists()
+    late = dirs["output"] / ".partial-late.png"  # a save in progress while the server runs
+    late.write_bytes(png_bytes())
+    r = await client.get("/api/view", params={"filename": ".partial-late.png"})
+    assert r.status == 404
+    assert (await client.get("/api/view", params={"filename": keep.name})).status == 200
+
+
+def frontend_total(msgs, prompt_ids):
+    """The 1.58.1 editor's "Total" (executionStore): nodes seen in execution_cached or executed / all nodes."""
+    done = set()
+    totals = []
+    for name, data in msgs:
+        if name == "execution_cached":
+            done.update(data["nodes"])
+        elif name == "executed":
+            done.add(data["node"])
+        elif name == "progress":
+            totals.append((data["node"], data["value"], len(done & prompt_ids) / len(prompt_ids)))
+    return totals
+
+
+async def test_total_progress_moves_while_a_node_runs(client):
+    ws = await open_ws(client)
+    prompt = slow_prompt(steps=5, preview=False)
+    _, body = await post_prompt(client, prompt, client_id="tester")
+    msgs = await collect_run(ws, body["prompt_id"])
+    totals = frontend_total(msgs, set(prompt))
+    assert [t[:2] for t in totals] == [("2", v) for v in range(1, 6)]
+    assert all(abs(total - 1 / 3) < 1e-9 for _, _, total in totals), totals  # node 1 is done while 2 runs
+    cached = [d for n, d in msgs if n == "execution_cached"]
+    assert cached[0]["nodes"] == []  # the executor's own message is unchanged
+    assert sorted(n for d in cached[1:] for n in d["nodes"]) == ["1", "2"]  # 3 is reported by executed
+    await ws.close()
+
+
+def frontend_toasts_failure(job: dict) -> bool:
+    """The 1.58.1 banner: a finished job with an end time that is not completed toasts "Job failed"."""
+    return isinstance(job.get("execution_end_time"), int) and job["status"] != "completed"
+
+
+async def test_cancel_reads_as_cancelled_not_failed(client):
+    _, body = await post_prompt(client, slow_prompt(steps=400, delay=0.02, preview=False))
+    pid = body["prompt_id"]
+    await wait_running(client, pid)
+    assert await (await client.post(f"/api/jobs/{pid}/cancel")).json() == {"cancelled": True}
+    await wait_history(client, pid)
+    prompt = {"1": {"class_type": "StubNumber", "inputs": {"value": 2}},
+              "2": {"class_type": "StubFail", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "StubSink", "inputs": {"value": ["2", 0]}}}
+    _, failed = await post_prompt(client, prompt)
+    await wait_history(client, failed["prompt_id"])
+    jobs = {j["id"]: j for j in (await (await client.get(
+        "/api/jobs?status=completed,failed,cancelled&limit=64&offset=0")).json())["jobs"]}
+    assert jobs[pid]["status"] == "cancelled" and not frontend_toasts_failure(jobs[pid])
+    assert jobs[failed["prompt_id"]]["status"] == "failed" and frontend_toasts_failure(jobs[failed["prompt_id"]])
+    detail = await (await client.get(f"/api/jobs/{pid}")).json()
+    assert detail["execution_end_time"] >= detail["execution_start_time"]  # kept where nothing toasts
+
+
+async def test_serve_logs_each_prompt_and_node_failures(client, caplog):
+    caplog.set_level("INFO", logger="sdxl_nodes.runtime.server")
+    _, ok = await post_prompt(client, simple_prompt(5))
+    await wait_history(client, ok["prompt_id"])
+    prompt = {"1": {"class_type": "StubNumber", "inputs": {"value": 2}},
+              "2": {"class_type": "StubFail", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "StubSink", "inputs": {"value": ["2", 0]}}}
+    _, bad = await post_prompt(client, prompt)
+    await wait_history(client, bad["prompt_id"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"queued prompt {ok['prompt_id']}") for line in lines)
+    finished = [line for line in lines if line.startswith(f"prompt {ok['prompt_id']} finished: success in ")]
+    assert len(finished) == 1 and finished[0].endswith(" s")
+    failure = next(r for r in caplog.records if r.levelname == "ERROR" and bad["prompt_id"] in r.getMessage())
+    text = failure.getMessage()
+    assert "node 2 (StubFail) failed" in text and "boom on 2" in text and "Traceback" in text

@@ -16,25 +16,24 @@ the server never imports torch or ``sdxl_nodes.nodes``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
+import math
 import os
 import platform
 import sys
-import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterable, Mapping
 
 from aiohttp import web
 
 from ...paths import inside
+from ..limits import DEFAULT_LIMITS, Limits
 from ..nodeinfo import object_info
 from ..validate import validate_prompt
-from .common import BadRequest, json_error, now_ms, query_int, read_json, version
-from .files import Files
+from .access import Access
+from .common import LIMITS_KEY, BadRequest, json_error, now_ms, query_int, read_json, version
+from .files import Files, remove_stale_partials
 from .queue import JOB_STATUSES, PromptQueue, QueueItem
 from .userdata import UserData
 from .ws import Clients
@@ -46,12 +45,36 @@ WEB_DIR = PACKAGE_ROOT / "web"
 WORKFLOWS_DIR = PACKAGE_ROOT / "workflows"
 DEFAULT_WORKFLOW_NAME = "sdxl_base_refiner"
 
-DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = DEFAULT_LIMITS.request_bytes  # one upload request, all its fields together
 FEATURE_FLAG = "sdxl_nodes_standalone"
 """Key in ``/api/features`` and the websocket ``feature_flags`` that tells ``web/sdxl_nodes.js`` it
 runs on this server (inside ComfyUI the key is absent and the extension does nothing)."""
 DEFAULT_WORKFLOW_ROUTE = "/sdxl_nodes/default_workflow"
 APP_KEY = web.AppKey("sdxl_nodes_server", object)
+ACCESS_KEY = web.AppKey("sdxl_nodes_access", Access)
+
+
+def prompt_shape_problem(prompt: Any) -> str | None:
+    """What is wrong with the outer shape of an API prompt (None when nothing), before validation.
+
+    The validator checks the graph; this refuses the shapes that are not a graph at all:
+    ``{"<id>": {"class_type": str, "inputs": {...}, "_meta": {...}}}``.
+    """
+    if not isinstance(prompt, dict):
+        return f"the prompt must be an object of node id → node, got {type(prompt).__name__}"
+    for node_id, node in prompt.items():
+        where = f"node {node_id[:40]!r}"
+        if not isinstance(node, dict):
+            return f"{where} must be an object with class_type and inputs, got {type(node).__name__}"
+        class_type = node.get("class_type")
+        if not isinstance(class_type, str):
+            return f"{where}: class_type must be a node type name (a string), got {type(class_type).__name__}"
+        if "inputs" in node and not isinstance(node["inputs"], dict):
+            return f"{where}: inputs must be an object of input name → value, got {type(node['inputs']).__name__}"
+        meta = node.get("_meta")
+        if meta is not None and not isinstance(meta, dict):
+            return f"{where}: _meta must be an object like {{\"title\": \"...\"}}, got {type(meta).__name__}"
+    return None
 
 
 class PromptServer:
@@ -74,6 +97,7 @@ class PromptServer:
         max_upload_bytes: int,
         model_folders: Mapping[str, list[str]] | None,
         web_dir: Path | None,
+        limits: Limits = DEFAULT_LIMITS,
     ):
         self.node_classes = node_classes
         self.display_names = dict(display_names or {})
@@ -87,9 +111,10 @@ class PromptServer:
         self.max_upload_bytes = int(max_upload_bytes)
         self.model_folders = dict(model_folders or {})
         self.web_dir = web_dir
+        self.limits = limits
         self.static_dir = self._frontend_static_dir()
 
-        self.files = Files(self.dirs, self.max_upload_bytes)
+        self.files = Files(self.dirs, self.max_upload_bytes, limits)
         # A fresh editor only opens the default graph (ours, via web/sdxl_nodes.js) when the
         # tutorial is marked done; otherwise it opens a blank graph and the Templates dialog.
         defaults = {"Comfy.TutorialCompleted": True} if default_workflow is not None else {}
@@ -115,6 +140,8 @@ class PromptServer:
         # The editor lists workflows/ and subgraphs/ at boot; empty folders answer [] instead of 404.
         for d in (*self.dirs.values(), self.user_root() / "workflows", self.user_root() / "subgraphs"):
             d.mkdir(parents=True, exist_ok=True)
+        for kind in ("output", "temp", "input"):  # what a killed save or upload left behind
+            await asyncio.to_thread(remove_stale_partials, self.dirs[kind])
         self.queue.start()
 
     async def on_shutdown(self, app: web.Application) -> None:
@@ -165,6 +192,10 @@ class PromptServer:
         extra_data = body.get("extra_data", {})
         if not isinstance(extra_data, dict):
             return fail("invalid_prompt", "extra_data must be an object", type(extra_data).__name__)
+        pnginfo = extra_data.get("extra_pnginfo")
+        if pnginfo is not None and not isinstance(pnginfo, dict):
+            return fail("invalid_prompt", "extra_data.extra_pnginfo must be an object (name → JSON to embed in "
+                        "saved PNGs)", type(pnginfo).__name__)
         client_id = body.get("client_id")
         if client_id is not None and not isinstance(client_id, str):
             return fail("invalid_prompt", "client_id must be a string", type(client_id).__name__)
@@ -183,22 +214,36 @@ class PromptServer:
                 return fail("invalid_prompt_id", "A prompt with this prompt_id already exists", prompt_id)
         else:
             prompt_id = str(uuid.uuid4())
-        counter = self.queue.next_number()
+        number: float
         if "number" in body:
             try:
-                number: float = float(body["number"])
-            except (TypeError, ValueError):
-                return fail("invalid_prompt", "number must be a number", repr(body["number"]))
+                if isinstance(body["number"], bool):
+                    raise TypeError
+                number = float(body["number"])
+            except (TypeError, ValueError, OverflowError):
+                return fail("invalid_prompt", "number must be a number", repr(body["number"])[:100])
+            if not math.isfinite(number):
+                return fail("invalid_prompt", "number must be a finite number", repr(body["number"])[:100])
         else:
-            number = counter
+            number = self.queue.counter
+        problem = prompt_shape_problem(body["prompt"])
+        if problem is not None:
+            return fail("invalid_prompt", f"Invalid prompt: {problem}", problem)
+        self.queue.next_number()
         if body.get("front"):
             number = -number
         if isinstance(number, float) and number.is_integer():
             number = int(number)
 
         prompt = body["prompt"]
-        ok, error, node_errors, outputs = await asyncio.to_thread(
-            validate_prompt, prompt, self.node_classes, targets)
+        try:
+            ok, error, node_errors, outputs = await asyncio.to_thread(
+                validate_prompt, prompt, self.node_classes, targets)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
+            # A validator bug on an input shape it did not foresee: the sender gets a 400 with the
+            # reason, the log gets the traceback to fix it.
+            log.exception("validating prompt %s failed", prompt_id)
+            return fail("invalid_prompt", "The prompt could not be validated", f"{type(e).__name__}: {e}"[:500])
         if not ok:
             log.info("prompt rejected: %s", (error or {}).get("message"))
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
@@ -473,20 +518,6 @@ async def _errors_middleware(request: web.Request, handler):
         return json_error(500, f"internal server error: {type(e).__name__}: {e}")
 
 
-@web.middleware
-async def _same_origin_middleware(request: web.Request, handler):
-    """Refuse cross-site requests (a web page elsewhere must not drive a local server)."""
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        netloc = urlsplit(origin).netloc.lower() if origin != "null" else "null"
-        if netloc != (request.host or "").lower():
-            log.warning("refused %s %s from origin %s (host %s)", request.method, request.path, origin, request.host)
-            return json_error(403, "cross-origin request refused")
-    elif request.headers.get("Sec-Fetch-Site") == "cross-site":
-        return json_error(403, "cross-site request refused")
-    return await handler(request)
-
-
 def create_app(
     node_classes: Mapping[str, type],
     *,
@@ -500,9 +531,12 @@ def create_app(
     templates: Mapping[str, dict] | None = None,
     system_info: Callable[[], dict] | None = None,
     on_free: Callable[[dict], None] | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_bytes: int | None = None,
     model_folders: Mapping[str, list[str]] | None = None,
     web_dir: str | os.PathLike | None = WEB_DIR,
+    limits: Limits = DEFAULT_LIMITS,
+    token: str | None = None,
+    allow_hosts: Iterable[str] = (),
 ) -> web.Application:
     """The aiohttp application serving the editor and the API for ``node_classes``.
 
@@ -513,18 +547,26 @@ def create_app(
     ``system_info()`` may return ``{"system": {...}, "devices": [...]}`` merged into
     ``/api/system_stats``; ``on_free(body)`` runs on the worker thread after ``POST /api/free``.
     ``model_folders`` (name → folders) are listed by ``/internal/folder_paths``.
+    ``limits`` bound what a request may ask (see ``runtime/limits.py``); ``max_upload_bytes`` (one
+    upload request, all fields together) defaults to ``limits.request_bytes``. ``token`` and
+    ``allow_hosts`` are the access rules of ``access.py``.
     """
+    if max_upload_bytes is None:
+        max_upload_bytes = limits.request_bytes
     server = PromptServer(
         node_classes, display_names=display_names, python_module=python_module,
         input_dir=Path(input_dir), output_dir=Path(output_dir), temp_dir=Path(temp_dir),
         user_dir=Path(user_dir), default_workflow=default_workflow, templates=templates,
         system_info=system_info, on_free=on_free, max_upload_bytes=max_upload_bytes,
-        model_folders=model_folders, web_dir=Path(web_dir) if web_dir is not None else None,
+        model_folders=model_folders, web_dir=Path(web_dir) if web_dir is not None else None, limits=limits,
     )
-    # Bodies other than uploads (which stream) are workflows and settings: a generous cap.
-    app = web.Application(middlewares=[_same_origin_middleware, _errors_middleware],
-                          client_max_size=max(64 * 1024 * 1024, max_upload_bytes))
+    # Bodies other than uploads (which stream and count their own bytes) are workflows and settings.
+    access = Access(token=token, allow_hosts=set(allow_hosts))
+    app = web.Application(middlewares=[access.middleware, _errors_middleware],
+                          client_max_size=limits.request_bytes)
     app[APP_KEY] = server
+    app[LIMITS_KEY] = limits
+    app[ACCESS_KEY] = access
     app.on_startup.append(server.on_startup)
     app.on_shutdown.append(server.on_shutdown)
     app.on_cleanup.append(server.on_cleanup)
@@ -593,154 +635,3 @@ def _constant(value: Any):
 def server_of(app: web.Application) -> PromptServer:
     """The :class:`PromptServer` behind an app made by :func:`create_app`."""
     return app[APP_KEY]  # type: ignore[return-value]
-
-
-# -------------------------------------------------------------------------------------------------
-# running
-
-
-def _url(host: str, port: int) -> str:
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}/"
-
-
-async def _start(app: web.Application, host: str, port: int, access_log: bool) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=logging.getLogger("sdxl_nodes.access") if access_log else None,
-                           shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, _url(host, bound)
-
-
-def run_server(
-    app: web.Application,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8188,
-    on_ready: Callable[[str], None] | None = None,
-    access_log: bool = False,
-) -> None:
-    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM). ``port=0`` picks a free port;
-    ``on_ready(url)`` is called once the socket listens."""
-
-    async def main() -> None:
-        runner, url = await _start(app, host, port, access_log)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        if threading.current_thread() is threading.main_thread():
-            import signal
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, stop.set)
-        log.info("serving on %s", url)
-        if on_ready is not None:
-            on_ready(url)
-        try:
-            await stop.wait()
-        finally:
-            log.info("shutting down")
-            await runner.cleanup()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-
-
-class BackgroundServer:
-    """Runs an app on its own event loop in a daemon thread (tests, benchmarks)::
-
-        with BackgroundServer(create_app(...)) as url:
-            ...
-    """
-
-    def __init__(self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0):
-        self.app, self.host, self.port = app, host, port
-        self.url: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, timeout: float = 30.0) -> str:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def target() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._runner, self.url = loop.run_until_complete(_start(self.app, self.host, self.port, False))
-            except BaseException as e:  # noqa: BLE001 - handed to the starting thread
-                failure.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=target, name="sdxl-nodes-server", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise TimeoutError(f"the server did not start within {timeout} s")
-        if failure:
-            raise failure[0]
-        if self.url is None:
-            raise RuntimeError("internal: the server started without a URL")
-        return self.url
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-def load_shipped_workflows(folder: Path = WORKFLOWS_DIR) -> dict[str, dict]:
-    """``{stem: workflow}`` of the ``*.json`` files in ``folder`` (unreadable ones are skipped)."""
-    out = {}
-    for path in sorted(Path(folder).glob("*.json")):
-        try:
-            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            log.warning("skipping workflow %s: %s", path, e)
-    return out
-
-
-def serve_from_cli(
-    args: Any,
-    node_classes: Mapping[str, type],
-    display_names: Mapping[str, str] | None = None,
-    *,
-    system_info: Callable[[], dict] | None = None,
-    on_free: Callable[[dict], None] | None = None,
-) -> int:
-    """``sdxl-nodes serve``: ``args`` has ``host``, ``port``, ``user_dir``, ``input_dir``,
-    ``output_dir``, ``temp_dir`` (None: ``<output_dir>/../temp``) and ``models_dir``."""
-    output_dir = Path(args.output_dir)
-    temp_dir = Path(args.temp_dir) if getattr(args, "temp_dir", None) else output_dir.parent / "temp"
-    workflows = load_shipped_workflows()
-    models_dir = getattr(args, "models_dir", None)
-    app = create_app(
-        node_classes, display_names=display_names,
-        input_dir=args.input_dir, output_dir=output_dir, temp_dir=temp_dir, user_dir=args.user_dir,
-        default_workflow=workflows.get(DEFAULT_WORKFLOW_NAME), templates=workflows,
-        system_info=system_info, on_free=on_free,
-        model_folders={"checkpoints": [str(models_dir)]} if models_dir else None,
-    )
-
-    def ready(url: str) -> None:
-        print(f"sdxl-nodes editor: {url}", flush=True)
-
-    run_server(app, host=args.host, port=args.port, on_ready=ready)
-    return 0

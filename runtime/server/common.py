@@ -100,15 +100,29 @@ def json_depth(value: Any) -> int:
 
 async def read_json(request: web.Request, *, empty: Any = MISSING, limits: Limits | None = None) -> Any:
     """The request body parsed as JSON; an empty body gives ``empty`` (or a 400 if not given)."""
-    raw = await request.read()
+    if limits is None:
+        limits = request.app.get(LIMITS_KEY, DEFAULT_LIMITS)
+    raw = await read_body(request, limits)
     if not raw.strip():
         if empty is not MISSING:
             return empty
         raise BadRequest("the request body is empty; expected JSON")
+    return parse_json(raw, limits)
+
+
+async def read_body(request: web.Request, limits: Limits | None = None) -> bytes:
+    """The whole request body, refused with 413 naming ``request_bytes`` when it is too large."""
+    if limits is None:
+        limits = request.app.get(LIMITS_KEY, DEFAULT_LIMITS)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"malformed JSON body: {e}") from None
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limits.request_bytes) from None
+
+
+def too_large(limit: int) -> BadRequest:
+    return BadRequest(f"the request body is larger than the request_bytes limit of {limit} bytes "
+                      f"(serve --limit request_bytes=N)", status=413)
 
 
 LIMITS_KEY = web.AppKey("sdxl_nodes_limits", Limits)

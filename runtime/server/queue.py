@@ -95,6 +95,13 @@ def outputs_summary(outputs: Mapping[str, Any]) -> tuple[int, int, dict | None]:
 
 
 def history_job(prompt_id: str, entry: dict, *, detail: bool = False) -> dict:
+    """A finished prompt as a job.
+
+    A cancelled job carries its ``execution_end_time`` only in the detail view: the 1.58.1 editor
+    raises a "Job failed" banner for every finished job with an end time that is not completed
+    (its notification code maps Cancelled to failed), and a cancel the user asked for is not a
+    failure. The queue panel still lists it as Cancelled.
+    """
     number, _, prompt, extra_data, _ = entry["prompt"]
     status = entry.get("status") or {}
     start = end = error = None
@@ -115,6 +122,8 @@ def history_job(prompt_id: str, entry: dict, *, detail: bool = False) -> dict:
         state = "completed"
     outputs = entry.get("outputs") or {}
     count, previewable, preview = outputs_summary(outputs)
+    if state == "cancelled" and not detail:
+        end = None
     job = prune({
         "id": prompt_id,
         "status": state,
@@ -174,6 +183,7 @@ class PromptQueue:
         self.interrupt_requested: str | None = None  # prompt id; see _on_executor_event
         self.history: dict[str, dict] = {}
         self.counter = 0
+        self._done_nodes: set[str] = set()  # of the running prompt, as the editor has been told
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -222,7 +232,36 @@ class PromptQueue:
         sid = item.client_id if item is not None and item.prompt_id == data.get("prompt_id") else None
         if name == "executing":
             self.last_node = data.get("node")
+        elif name in ("execution_cached", "executed"):
+            nodes = data.get("nodes") if name == "execution_cached" else [data.get("node")]
+            self._done_nodes.update(str(n) for n in nodes or ())
+        elif name == "execution_error" and data.get("node_id") is not None:
+            log.error("prompt %s: node %s (%s) failed: %s: %s\nTraceback (most recent call last):\n%s",
+                      data.get("prompt_id"), data.get("node_id"),
+                      data.get("node_type"), data.get("exception_type"), data.get("exception_message"),
+                      "".join(data.get("traceback") or []).rstrip())
         self.on_event(name, data, sid)
+        if name == "progress_state":
+            self._announce_finished(data, sid)
+
+    def _announce_finished(self, data: dict, sid: str | None) -> None:
+        """Tell the editor which nodes are done, so its total progress moves.
+
+        The 1.58.1 editor computes "Total" as the share of the prompt's nodes that it saw in
+        ``execution_cached`` or ``executed``; a node without UI output (a loader, a sampler) never
+        appears in either, so the total stayed at 0 % while a sampler was at 40 %. ``progress_state``
+        says when a node finished; the finished nodes the editor has not counted yet are sent in an
+        ``execution_cached`` message, the one event that only marks nodes done.
+        """
+        nodes = data.get("nodes")
+        if not isinstance(nodes, dict):
+            return
+        finished = [str(n) for n, state in nodes.items()
+                    if isinstance(state, dict) and state.get("state") == "finished" and str(n) not in self._done_nodes]
+        if finished:
+            self._done_nodes.update(finished)
+            self.on_event("execution_cached", {"nodes": finished, "prompt_id": data.get("prompt_id"),
+                                               "timestamp": now_ms()}, sid)
 
     async def _worker_loop(self) -> None:
         if self._wakeup is None or self.loop is None:
@@ -233,6 +272,7 @@ class PromptQueue:
                 await self._wakeup.wait()
             item = self.pending.pop(0)
             self.running, self.last_node, self.interrupt_requested = item, None, None
+            self._done_nodes = set()
             item.start_time = now_ms()
             self.broadcast_status()
             try:
@@ -257,7 +297,7 @@ class PromptQueue:
         t0 = time.perf_counter()
         result = self.executor.execute(item.prompt, item.prompt_id, extra_data=item.extra_data,
                                        outputs=item.outputs)
-        log.info("prompt %s: %s in %.2f s", item.prompt_id, result.status, time.perf_counter() - t0)
+        log.info("prompt %s finished: %s in %.2f s", item.prompt_id, result.status, time.perf_counter() - t0)
         return result
 
     def run_on_worker(self, fn: Callable[[], None]) -> asyncio.Future:
@@ -288,6 +328,8 @@ class PromptQueue:
         return number
 
     def enqueue(self, item: QueueItem) -> None:
+        log.info("queued prompt %s (%d nodes, %d ahead of it)", item.prompt_id, len(item.prompt),
+                 len(self.pending) + (self.running is not None))
         self.pending.append(item)
         self.pending.sort(key=lambda it: it.number)  # stable: equal numbers keep their order
         if self._wakeup is not None:

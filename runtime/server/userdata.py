@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,13 +17,19 @@ from typing import Any, Mapping
 from aiohttp import web
 
 from ...paths import inside
-from .common import BadRequest, json_error, query_bool, read_json
+from .common import BadRequest, json_error, query_bool, read_body, read_json
+from .files import check_name, is_partial
 
 log = logging.getLogger(__name__)
 
 
 class Settings:
-    """``comfy.settings.json`` of one user, written atomically on every change."""
+    """``comfy.settings.json`` of one user, written atomically on every change.
+
+    A file that cannot be read as a JSON object is never taken for empty settings (the next write
+    would destroy the user's settings): it is renamed to ``comfy.settings.json.corrupt-<time>``,
+    reported in the log, and the editor starts from the defaults.
+    """
 
     def __init__(self, path: Path, defaults: Mapping[str, Any]):
         self.path = path
@@ -34,9 +41,23 @@ class Settings:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable settings file %s: %s", self.path, e)
+            self._keep_aside(f"it cannot be read as JSON ({e})")
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            self._keep_aside(f"it holds a JSON {type(data).__name__}, not an object of settings")
+            return {}
+        return data
+
+    def _keep_aside(self, why: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                    f"{uuid.uuid4().hex[:6]}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as e:
+            raise BadRequest(f"the settings file {self.path} is unusable ({why}) and could not be moved "
+                             f"aside ({e}); fix or remove it", status=500) from None
+        log.error("the settings file %s is unusable: %s. It was kept as %s; the editor starts from the "
+                  "default settings.", self.path, why, aside)
 
     def all(self) -> dict:
         return {**self.defaults, **self.stored()}
@@ -84,10 +105,16 @@ class UserData:
     def path(self, relative: str) -> Path:
         if "\x00" in relative or os.path.isabs(relative):
             raise BadRequest("invalid path", status=403)
+        for part in Path(relative).parts:
+            check_name(part, "name")
+        if len(relative) > 1024:
+            raise BadRequest("the path is longer than 1024 characters")
         self.root.mkdir(parents=True, exist_ok=True)
         path = inside(self.root, relative)
         if path is None:
             raise BadRequest("the path is outside the user folder", status=403)
+        if is_partial(path.name):
+            raise BadRequest(f"{path.name!r} is a name reserved for half-written files")
         return path
 
     def file_info(self, path: Path) -> dict:
@@ -137,11 +164,15 @@ class UserData:
             return json_error(409, "File already exists")
         if path.is_dir():
             return json_error(400, "the path is a folder")
-        body = await request.read()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        body = await read_body(request)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(body)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(body)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(request.match_info["file"], e) from None
         return self._saved_response(request, path)
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -158,6 +189,14 @@ class UserData:
             return json_error(404, "file not found")
         if dest.exists() and not query_bool(request, "overwrite", True):
             return json_error(409, "File already exists")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, dest)
+        except OSError as e:
+            raise _write_error(request.match_info["dest"], e) from None
         return self._saved_response(request, dest)
+
+
+def _write_error(name: str, e: OSError) -> BadRequest:
+    """A write the file system refused (a folder in the way, a file where a folder should be, …)."""
+    return BadRequest(f"cannot write {name[:300]!r} in the user folder: {e.strerror or e}")
