@@ -1063,3 +1063,121 @@ async def test_serve_logs_each_prompt_and_node_failures(client, caplog):
     failure = next(r for r in caplog.records if r.levelname == "ERROR" and bad["prompt_id"] in r.getMessage())
     text = failure.getMessage()
     assert "node 2 (StubFail) failed" in text and "boom on 2" in text and "Traceback" in text
+
+
+SERVE_SCRIPT = """
+import logging, sys
+from types import SimpleNamespace
+sys.path.insert(0, {tests!r})
+import stub_nodes
+from sdxl_nodes.runtime.server import serve_from_cli
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+args = SimpleNamespace(host={host!r}, port={port}, user_dir={root!r} + "/user", input_dir={root!r} + "/input",
+                       output_dir={root!r} + "/output", temp_dir=None, models_dir={models!r}, token=None,
+                       allow_host=None, limit=None)
+sys.exit(serve_from_cli(args, stub_nodes.NODE_CLASS_MAPPINGS))
+"""
+
+
+def start_serve(tmp_path, host="127.0.0.1", port=0, models=None):
+    import subprocess
+    import sys
+
+    code = SERVE_SCRIPT.format(tests=str(Path(__file__).parent), host=host, port=port, root=str(tmp_path),
+                               models=str(models or tmp_path / "no-such-models"))
+    return subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def read_until(proc, marker, timeout=60.0):
+    """stdout lines of ``proc`` up to and including the one that contains ``marker``."""
+    import selectors
+    import time
+
+    lines, deadline = [], time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line.rstrip("\n"))
+                if marker in line:
+                    return lines
+    raise AssertionError(f"{marker!r} not printed; got {lines}, stderr {proc.stderr.read() if proc.poll() else ''}")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_serve_prints_where_it_listens_refuses_a_busy_port_and_stops_cleanly(tmp_path):
+    import re
+    import signal
+
+    proc = start_serve(tmp_path)
+    try:
+        lines = read_until(proc, "Ctrl-C stops")
+        url = next(re.search(r"http://127\.0\.0\.1:(\d+)/", line) for line in lines if "editor:" in line)
+        port = int(url.group(1))
+        assert lines[0] == f"sdxl-nodes editor: http://127.0.0.1:{port}/"  # loopback: no token, no warning
+        assert any("no-such-models does not exist" in line for line in lines)
+        # a second server on the same port: one line, exit 1, no traceback
+        busy = start_serve(tmp_path / "b", port=port)
+        out, err = busy.communicate(timeout=60)
+        assert busy.returncode == 1, (out, err)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"port {port} is already in use" in errors[0] and "--port 0" in errors[0]
+        assert "Traceback" not in err
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "sdxl-nodes editor stopped" in out
+        assert "Traceback" not in err and "does not exist" in err  # the warning went to the log too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_serve_on_all_interfaces_warns_and_requires_a_token(tmp_path):
+    import re
+    import signal
+    import urllib.error
+    import urllib.request
+
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / "sd_xl_base_1.0.safetensors").write_bytes(b"")
+    proc = start_serve(tmp_path, host="0.0.0.0", models=models)
+    try:
+        lines = read_until(proc, "Ctrl-C stops")
+        text = "\n".join(lines)
+        assert lines[0].startswith("WARNING: the editor listens on all network interfaces")
+        assert "http://0.0.0.0" not in text
+        m = re.search(r"editor: http://127\.0\.0\.1:(\d+)/\?token=([\w-]{20,})$", text, re.MULTILINE)
+        assert m, text
+        port, token = m.groups()
+        assert "from another machine: http://" in text and f":{port}/?token={token}" in text
+        assert "1 checkpoint found" in text
+        base = f"http://127.0.0.1:{port}/api/queue"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 401
+        req = urllib.request.Request(base, headers={"Authorization": f"Bearer {token}"})
+        assert json.load(urllib.request.urlopen(req, timeout=10)) == {"queue_running": [], "queue_pending": []}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_limit_options_name_the_settings():
+    from sdxl_nodes.runtime.server import parse_limits
+
+    assert parse_limits(["image_pixels=100_000_000", "json-depth=10"]) == Limits(image_pixels=10**8, json_depth=10)
+    for bad, expected in (("pixels=5", "NAME one of prompt_chars"), ("image_pixels", "NAME=VALUE"),
+                          ("image_pixels=big", "whole number"), ("json_depth=0", "at least 1")):
+        with pytest.raises(ValueError, match=expected):
+            parse_limits([bad])

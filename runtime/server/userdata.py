@@ -6,6 +6,7 @@ Every path from a request is confined with :func:`paths.inside` (symlinks resolv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -171,7 +172,8 @@ class UserData:
             tmp.write_bytes(body)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder of tmp may not exist (a file is in the way)
+                tmp.unlink()
             raise _write_error(request.match_info["file"], e) from None
         return self._saved_response(request, path)
 
