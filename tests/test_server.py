@@ -1091,21 +1091,28 @@ def start_serve(tmp_path, host="127.0.0.1", port=0, models=None):
 
 def read_until(proc, marker, timeout=60.0):
     """stdout lines of ``proc`` up to and including the one that contains ``marker``."""
-    import selectors
-    import time
+    import queue
 
-    lines, deadline = [], time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.5):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line.rstrip("\n"))
-                if marker in line:
-                    return lines
-    raise AssertionError(f"{marker!r} not printed; got {lines}, stderr {proc.stderr.read() if proc.poll() else ''}")
+    if not hasattr(proc, "lines"):  # one reader thread per process: select() cannot see Python's buffer
+        proc.lines = queue.Queue()
+
+        def pump():
+            for line in proc.stdout:
+                proc.lines.put(line.rstrip("\n"))
+            proc.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    lines = []
+    while True:
+        try:
+            line = proc.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{marker!r} not printed within {timeout} s; got {lines}") from None
+        if line is None:
+            raise AssertionError(f"{marker!r} not printed before exit; got {lines}, stderr {proc.stderr.read()}")
+        lines.append(line)
+        if marker in line:
+            return lines
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -1128,8 +1135,9 @@ def test_serve_prints_where_it_listens_refuses_a_busy_port_and_stops_cleanly(tmp
         assert len(errors) == 1 and f"port {port} is already in use" in errors[0] and "--port 0" in errors[0]
         assert "Traceback" not in err
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "sdxl-nodes editor stopped" in out
+        assert proc.wait(timeout=30) == 0
+        assert "sdxl-nodes editor stopped" in read_until(proc, "stopped")
+        err = proc.stderr.read()
         assert "Traceback" not in err and "does not exist" in err  # the warning went to the log too
     finally:
         if proc.poll() is None:
