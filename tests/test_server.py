@@ -746,11 +746,11 @@ async def test_server_state_is_reachable_for_embedding(make_app):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_server_module_does_not_import_torch():
+def test_server_and_cli_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, sdxl_nodes.runtime.server; "
+    code = ("import sys, sdxl_nodes.runtime.server, sdxl_nodes.runtime.cli; "
             "bad = [m for m in ('torch', 'sdxl_nodes.nodes', 'sdxl_nodes.sdxl_core') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -973,6 +973,18 @@ async def test_the_upload_limit_counts_the_whole_request(aiohttp_client, make_ap
         form.add_field(f"extra{i}", "x" * 1500)
     form.add_field("image", png_bytes(), filename="pic.png", content_type="image/png")
     r = await client.post("/api/upload/image", data=form)
+    assert r.status == 413 and "request_bytes" in (await r.json())["error"]
+    # the same without a Content-Length (chunked): the bytes are counted as they stream in
+    body = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="extra%d"\r\n\r\n' % i + b"x" * 1500 + b"\r\n"
+                    for i in range(4))
+    body += (b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="pic.png"\r\n\r\n'
+             + png_bytes() + b"\r\n--XyZ--\r\n")
+
+    async def chunks():
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    r = await client.post("/api/upload/image", data=chunks(), headers={"Content-Type": MULTIPART})
     assert r.status == 413 and "request_bytes" in (await r.json())["error"]
     assert not (dirs["input"] / "pic.png").exists()
 
