@@ -796,6 +796,10 @@ async def test_host_allowlist_and_origin_stop_dns_rebinding(aiohttp_client, make
         assert r.status == 403, (path, r.status)
         assert "host name" in (await r.json())["error"]
     assert (await client.get("/api/settings", headers={"Host": f"evil.example:{port}"})).status == 403
+    for headers in (evil, {"Origin": "http://evil.example"}):  # the websocket too
+        with pytest.raises(WSServerHandshakeError) as refused:
+            await client.ws_connect("/ws?clientId=evil", headers=headers)
+        assert refused.value.status == 403
     assert "A" not in await (await client.get("/api/settings")).json()
     # loopback names, IP literals and --allow-host names are served
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"192.168.1.20:{port}",

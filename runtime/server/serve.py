@@ -84,13 +84,13 @@ def run_server(
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, stop.set)
         url = _url(host, bound)
-        log.info("serving on %s", url)
+        log.debug("serving on %s", url)
         if on_ready is not None:
             on_ready(url, bound)
         try:
             await stop.wait()
         finally:
-            log.info("shutting down")
+            log.debug("shutting down")
             await runner.cleanup()
 
     with contextlib.suppress(KeyboardInterrupt):
