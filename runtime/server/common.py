@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from importlib import metadata
@@ -107,6 +108,8 @@ async def read_json(request: web.Request, *, empty: Any = MISSING, limits: Limit
         if empty is not MISSING:
             return empty
         raise BadRequest("the request body is empty; expected JSON")
+    if len(raw) > 1 << 20:  # a big workflow: parse off the event loop so other requests keep flowing
+        return await asyncio.to_thread(parse_json, raw, limits)
     return parse_json(raw, limits)
 
 
