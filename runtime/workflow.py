@@ -383,6 +383,7 @@ class _Converter:
         for data in (workflow.get("definitions") or {}).get("subgraphs") or []:
             if isinstance(data, dict) and data.get("id") is not None:
                 self.subgraphs[str(data["id"])] = _Graph(data, source, definition=True)
+        self.workflow_extra = workflow.get("extra")
         self.execs: dict[str, _Exec] = {}
         self.overrides: dict[tuple[str | None, str], dict[str, Any]] = {}
 
@@ -644,8 +645,14 @@ class _Converter:
     # ---- the conversion ------------------------------------------------------------------
 
     def convert(self) -> dict[str, dict]:
+        group_nodes = (self.workflow_extra.get("groupNodes") if isinstance(self.workflow_extra, dict) else None) or {}
         for node_id, node in self.root.nodes.items():
             ntype = str(node.get("type"))
+            if ntype.startswith(_GROUP_NODE_PREFIXES) and ntype[len("workflow>"):] in group_nodes:
+                raise WorkflowError(
+                    f"{self.source}: node {node_id} is a legacy group node ({ntype}); converting those is not "
+                    "supported yet: open the workflow in the editor (it turns group nodes into subgraphs) and "
+                    "save it again")
             if ntype.startswith(_GROUP_NODE_PREFIXES) or (_UUID.match(ntype) and self.subgraph_of(node) is None):
                 kind = "group node" if ntype.startswith(_GROUP_NODE_PREFIXES) else "subgraph"
                 raise WorkflowError(
