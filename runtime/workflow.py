@@ -396,9 +396,9 @@ class _Converter:
         return node.get("type") in VIRTUAL_NODE_TYPES or self.subgraph_of(node) is not None
 
     def live_inputs(self, node: dict) -> list[tuple[str, Any, Any]]:
-        """The node's inputs as the loaded graph has them: every input of its definition in
-        definition order with the definition's type (widget inputs included, even when the saved
-        file left them out), then any other saved input; links by input name."""
+        """The node's inputs as the loaded graph has them (seen in frontend 1.58): the definition's
+        sockets, then its widget inputs (even when the saved file left them out), each in definition
+        order with the definition's type, then any other saved input; links by input name."""
         saved = [i for i in (node.get("inputs") or []) if isinstance(i, dict)]
         links = {i.get("name"): i.get("link") for i in saved}
         declared: list[tuple[str, Any]] = []
@@ -412,6 +412,8 @@ class _Converter:
                 section = inputs.get(category) or {}
                 listed = [n for n in (order.get(category) or []) if n in section]
                 declared += [(n, _input_type(section[n])) for n in listed + [n for n in section if n not in listed]]
+            widgets = {n for n, companion in widget_layout(node_def) if not companion}
+            declared = [d for d in declared if d[0] not in widgets] + [d for d in declared if d[0] in widgets]
         names = {n for n, _ in declared}
         out = [(n, t, links.get(n)) for n, t in declared]
         out += [(i.get("name"), i.get("type"), i.get("link")) for i in saved if i.get("name") not in names]

@@ -22,7 +22,11 @@ NAMES = sorted(p.name[: -len(".frontend_prompt.json")] for p in DATA.glob("*.fro
 
 @pytest.fixture(scope="module")
 def object_info():
-    return json.loads((DATA / "object_info.json").read_text())
+    # Our server's definitions, plus ComfyUI's own for the core node ids (recorded from ComfyUI v0.8.0;
+    # the editor had these registered when recording ``core_*`` workflows).
+    info = json.loads((DATA / "comfyui_core_object_info.json").read_text())
+    info.update(json.loads((DATA / "object_info.json").read_text()))
+    return info
 
 
 def _load(name: str) -> tuple[dict, dict]:

@@ -64,6 +64,11 @@ def main() -> None:
                 page.goto(url)
                 page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=60000)
                 page.wait_for_timeout(1500)
+                # ComfyUI's own definitions of a few core nodes (recorded from ComfyUI v0.8.0), for the
+                # workflows that use core node ids; registered only where the server lacks them.
+                core = json.loads((OUT / "comfyui_core_object_info.json").read_text())
+                page.evaluate("async (defs) => { for (const [n, d] of Object.entries(defs))"
+                              " if (!LiteGraph.registered_node_types[n]) await app.registerNodeDef(n, d); }", core)
                 names = sys.argv[1:] or list(BUILDERS) + list(LEGACY)
                 for name in names:
                     if name in BUILDERS:
@@ -82,7 +87,7 @@ def main() -> None:
                     print("recorded", name, len(res["reloaded_prompt"]), "prompt nodes")
                 info = page.evaluate("async () => await (await fetch('api/object_info')).json()")
                 version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
-                (OUT / "object_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+                (OUT / "object_info.json").write_text(json.dumps(info, indent=1) + "\n")
                 print("frontend", version)
                 browser.close()
         finally:
@@ -233,6 +238,30 @@ const conds = subgraph.nodes.filter(n => n.type === 'SDXLRefinerConditioning');
 subgraph.convertToSubgraph(new Set(conds));
 // a muted node inside the outer subgraph, and an inner node that stays muted
 const extra = add('SDXLEmptyLatent', [0, 0]); G.remove(extra);
+return await finish();
+"""
+
+BUILDERS["core_sdxl_example"] = """
+// ComfyUI's official SDXL example graph, in ComfyUI core node ids (runs once the core node set exists)
+const base = add('CheckpointLoaderSimple', [0, 0], {ckpt_name: 'sd_xl_base_1.0.safetensors'});
+const refm = add('CheckpointLoaderSimple', [0, 500], {ckpt_name: 'sd_xl_refiner_1.0.safetensors'});
+const pos = add('CLIPTextEncode', [400, 0], {text: 'evening sunset scenery blue sky nature, glass bottle with a galaxy in it'});
+const neg = add('CLIPTextEncode', [400, 250], {text: 'text, watermark'});
+const rpos = add('CLIPTextEncode', [400, 500], {text: 'evening sunset scenery blue sky nature, glass bottle with a galaxy in it'});
+const rneg = add('CLIPTextEncode', [400, 750], {text: 'text, watermark'});
+const lat = add('EmptyLatentImage', [400, 1000], {width: 1024, height: 1024, batch_size: 1});
+const k1 = add('KSamplerAdvanced', [900, 0], {add_noise: 'enable', noise_seed: 721897303308196, cfg: 8, sampler_name: 'euler', scheduler: 'normal', start_at_step: 0, end_at_step: 20, return_with_leftover_noise: 'enable'});
+const k2 = add('KSamplerAdvanced', [1300, 0], {add_noise: 'disable', noise_seed: 0, cfg: 8, sampler_name: 'euler', scheduler: 'normal', start_at_step: 20, end_at_step: 10000, return_with_leftover_noise: 'disable'});
+const dec = add('VAEDecode', [1700, 0]); const save = add('SaveImage', [1900, 0], {filename_prefix: 'ComfyUI'});
+link(base, 'CLIP', pos, 'clip'); link(base, 'CLIP', neg, 'clip'); link(refm, 'CLIP', rpos, 'clip'); link(refm, 'CLIP', rneg, 'clip');
+link(base, 'MODEL', k1, 'model'); link(pos, 0, k1, 'positive'); link(neg, 0, k1, 'negative'); link(lat, 0, k1, 'latent_image');
+link(refm, 'MODEL', k2, 'model'); link(rpos, 0, k2, 'positive'); link(rneg, 0, k2, 'negative'); link(k1, 0, k2, 'latent_image');
+link(k2, 0, dec, 'samples'); link(refm, 'VAE', dec, 'vae'); link(dec, 0, save, 'images');
+const steps = add('PrimitiveNode', [900, -300], {}, 'steps'); link(steps, 0, k1, 'steps'); link(steps, 0, k2, 'steps');
+steps.widgets[0].value = 25; steps.widgets[1].value = 'fixed';
+const split = add('PrimitiveNode', [900, -450], {}, 'base steps'); link(split, 0, k1, 'end_at_step'); link(split, 0, k2, 'start_at_step');
+split.widgets[0].value = 20;
+add('Note', [0, 900]).widgets[0].value = 'The base model does the first 20 of 25 steps, the refiner the rest.';
 return await finish();
 """
 
