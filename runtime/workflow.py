@@ -383,7 +383,6 @@ class _Converter:
         for data in (workflow.get("definitions") or {}).get("subgraphs") or []:
             if isinstance(data, dict) and data.get("id") is not None:
                 self.subgraphs[str(data["id"])] = _Graph(data, source, definition=True)
-        self.workflow_extra = workflow.get("extra")
         self.execs: dict[str, _Exec] = {}
         self.overrides: dict[tuple[str | None, str], dict[str, Any]] = {}
 
@@ -647,14 +646,8 @@ class _Converter:
     # ---- the conversion ------------------------------------------------------------------
 
     def convert(self) -> dict[str, dict]:
-        group_nodes = (self.workflow_extra.get("groupNodes") if isinstance(self.workflow_extra, dict) else None) or {}
         for node_id, node in self.root.nodes.items():
             ntype = str(node.get("type"))
-            if ntype.startswith(_GROUP_NODE_PREFIXES) and ntype[len("workflow>"):] in group_nodes:
-                raise WorkflowError(
-                    f"{self.source}: node {node_id} is a legacy group node ({ntype}); converting those is not "
-                    "supported yet: open the workflow in the editor (it turns group nodes into subgraphs) and "
-                    "save it again")
             if ntype.startswith(_GROUP_NODE_PREFIXES) or (_UUID.match(ntype) and self.subgraph_of(node) is None):
                 kind = "group node" if ntype.startswith(_GROUP_NODE_PREFIXES) else "subgraph"
                 raise WorkflowError(
@@ -735,4 +728,202 @@ def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, dict], *, s
     """
     if not isinstance(workflow, Mapping) or not isinstance(workflow.get("nodes"), list):
         raise WorkflowError(f"{source}: not an editor workflow (no 'nodes' list)")
-    return _Converter(workflow, object_info, source).convert()
+    return _Converter(_migrate_group_nodes(workflow, object_info, source), object_info, source).convert()
+
+
+# --------------------------------------------------------------------------------------------
+# Legacy group nodes (extra.groupNodes): frontend 1.58 turns each into a subgraph when it loads
+# the workflow (groupNode.ts: GroupNodeConfig, GroupNodeHandler.convertToNodes, then
+# LGraph.convertToSubgraph); the same is done here, so ids come out as the editor's.
+
+
+def _def_inputs(node_def: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``{...required, ...optional}`` of a definition in key order, as the group-node code reads it."""
+    inputs = node_def.get("input") or {}
+    merged: dict[str, Any] = {}
+    for category in ("required", "optional"):
+        merged.update(inputs.get(category) or {})
+    return list(merged.items())
+
+
+def _is_widget_spec(node_def: Mapping[str, Any], name: str) -> bool:
+    return any(n == name and not companion for n, companion in widget_layout(node_def))
+
+
+def _migrate_group_nodes(workflow: Mapping[str, Any], object_info: Mapping[str, dict], source: str) -> Mapping[str, Any]:
+    extra = workflow.get("extra") if isinstance(workflow.get("extra"), dict) else {}
+    groups = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
+    nodes = [n for n in workflow.get("nodes") or [] if isinstance(n, dict)]
+    if not groups or not any(str(n.get("type")).startswith(_GROUP_NODE_PREFIXES) for n in nodes):
+        return workflow
+    ids = [n.get("id") for n in nodes if isinstance(n.get("id"), int) and not isinstance(n.get("id"), bool)]
+    last = max([workflow.get("last_node_id") or 0, *ids]) if ids or workflow.get("last_node_id") else 0
+    if not isinstance(last, int):
+        raise WorkflowError(f"{source}: last_node_id {last!r} is not a number")
+    out = dict(workflow)
+    out["nodes"] = []
+    definitions = dict(workflow.get("definitions") or {})
+    definitions["subgraphs"] = list(definitions.get("subgraphs") or [])
+    renamed: dict[str, int] = {}
+    for node in workflow["nodes"]:
+        ntype = str(node.get("type")) if isinstance(node, dict) else ""
+        name = ntype[len("workflow>"):]
+        if not ntype.startswith(_GROUP_NODE_PREFIXES) or name not in groups:
+            out["nodes"].append(node)
+            continue
+        sub, instance, last = _group_to_subgraph(node, name, groups[name], object_info, last, source)
+        definitions["subgraphs"].append(sub)
+        out["nodes"].append(instance)
+        renamed[str(node.get("id"))] = instance["id"]
+    out["definitions"] = definitions
+    # Links from a group node's outputs now leave its subgraph instance (same output order).
+    links = []
+    for link in workflow.get("links") or []:
+        if isinstance(link, list) and len(link) >= 5 and str(link[1]) in renamed:
+            link = [link[0], renamed[str(link[1])], *link[2:]]
+        elif isinstance(link, dict) and str(link.get("origin_id")) in renamed:
+            link = {**link, "origin_id": renamed[str(link["origin_id"])]}
+        links.append(link)
+    out["links"] = links
+    return out
+
+
+def _group_to_subgraph(node: dict, name: str, data: Any, object_info: Mapping[str, dict], last: int,
+                       source: str) -> tuple[dict, dict, int]:
+    where = f"{source}: group node {node.get('id')} ({node.get('type')})"
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        raise WorkflowError(f"{where}: its definition in extra.groupNodes has no 'nodes' list")
+    inner = data["nodes"]
+    for index, n in enumerate(inner):
+        if not isinstance(n, dict):
+            raise WorkflowError(f"{where}: inner node {index} of its definition is not an object")
+        if n.get("type") in ("PrimitiveNode", "Reroute"):
+            raise WorkflowError(f"{where}: contains a {n.get('type')} (inner node {index}); group nodes with "
+                                "those are not supported: open the workflow in the editor, which turns group "
+                                "nodes into subgraphs, and save it again")
+        if n.get("type") not in object_info:
+            raise WorkflowError(f"{where}: contains unknown node type {n.get('type')!r} (inner node {index}); it "
+                                "comes from a node pack that is not available here")
+    if data.get("config"):
+        raise WorkflowError(f"{where}: renamed or hidden group-node slots (its 'config') are not supported: open "
+                            "the workflow in the editor, which turns group nodes into subgraphs, and save it again")
+    links_to: dict[int, dict[int, list]] = {}
+    links_from: dict[int, dict[int, list]] = {}
+    internal = []
+    for link in data.get("links") or []:
+        if not isinstance(link, list) or len(link) < 4:
+            raise WorkflowError(f"{where}: malformed link {link!r} in its definition")
+        if link[0] is None:
+            continue  # a link from outside the group when it was made
+        internal.append(link)
+        links_to.setdefault(link[2], {})[link[3]] = link
+        links_from.setdefault(link[0], {}).setdefault(link[1], []).append(link)
+    external = {(int(e[0]), int(e[1])) for e in data.get("external") or [] if isinstance(e, list) and len(e) >= 3
+                and e[2] is not None}
+
+    # GroupNodeConfig: the group node's widgets (in order), input sockets and outputs.
+    seen: dict[str, int] = {}
+
+    def config_name(n: dict, input_name: str) -> str:
+        label = next((i.get("label") for i in n.get("inputs") or [] if isinstance(i, dict)
+                      and i.get("name") == input_name and i.get("label")), None)
+        new = key = label or input_name
+        if new in seen:
+            prefix = f"{n.get('title') or n.get('type')} "
+            key = new = f"{prefix}{input_name}"
+            if new in seen:
+                new = f"{prefix}{seen[new]} {input_name}"
+        seen[key] = seen.get(key, 1) + 1
+        return new
+
+    group_widgets: dict[str, Any] = {}  # new widget name -> input spec (for the widget layout)
+    widget_names: dict[tuple[int, str], str] = {}
+    sockets: list[tuple[str, int, str]] = []  # (group input name, inner node index, inner input name)
+    outputs: list[tuple[int, int]] = []
+    for index, n in enumerate(inner):
+        node_def = object_info[n["type"]]
+        saved = [i for i in n.get("inputs") or [] if isinstance(i, dict)]
+        slots = []
+        for input_name, spec in _def_inputs(node_def):
+            if not _is_widget_spec(node_def, input_name):
+                slots.append(input_name)
+                continue
+            if any(i.get("name") == input_name and (i.get("widget") or {}).get("name") == input_name for i in saved):
+                raise WorkflowError(f"{where}: inner node {index} has widget {input_name!r} turned into an input; "
+                                    "that is not supported: open the workflow in the editor, which turns group "
+                                    "nodes into subgraphs, and save it again")
+            new = config_name(n, input_name)
+            spec = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+            options = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if input_name in _SEED_NAMES:
+                options[CONTROL_AFTER_GENERATE] = True
+            group_widgets[new] = [spec[0], options]
+            widget_names[(index, input_name)] = new
+        for i, input_name in enumerate(slots):
+            slot_index = next((k for k, s in enumerate(saved) if s.get("name") == input_name), i)
+            if slot_index in links_to.get(index, {}):
+                continue  # fed inside the group
+            sockets.append((config_name(n, input_name), index, input_name))
+        for output_id in range(len(node_def.get("output") or [])):
+            if output_id in links_from.get(index, {}) and (index, output_id) not in external:
+                continue  # used inside the group only: hidden
+            outputs.append((index, output_id))
+
+    # GroupNodeHandler.convertToNodes: new ids, the group node's widget values copied in.
+    layout = widget_layout({"input": {"required": group_widgets}})
+    outer_values = node.get("widgets_values") if isinstance(node.get("widgets_values"), list) else []
+    consumed: set[int] = set()
+    new_ids = []
+    sub_nodes = []
+    for index, n in enumerate(inner):
+        last += 1
+        new_ids.append(last)
+        node_def = object_info[n["type"]]
+        values = n.get("widgets_values")
+        named = dict(values) if isinstance(values, dict) else {
+            wname: v for (wname, companion), v in zip(widget_layout(node_def), values or []) if not companion}
+        for (owner, old), new in widget_names.items():
+            if owner != index:
+                continue
+            position = next((k for k, (wname, companion) in enumerate(layout)
+                             if wname == new and not companion and k not in consumed), None)
+            if position is None:
+                continue
+            consumed.add(position)
+            named[old] = outer_values[position] if position < len(outer_values) else _widget_default(node_def, old)
+        sub_nodes.append({**n, "id": last, "widgets_values": named, "inputs": [], "outputs": []})
+    last += 1
+    instance_id = last
+
+    # LGraph.convertToSubgraph: the inner nodes inside a subgraph, wired through its input/output slots.
+    sub_links = []
+
+    def add_link(origin: int, origin_slot: int, target: int, target_slot: int, target_name: str | None) -> int:
+        link_id = len(sub_links) + 1
+        sub_links.append({"id": link_id, "origin_id": origin, "origin_slot": origin_slot, "target_id": target,
+                          "target_slot": target_slot, "type": "*"})
+        if target_name is not None:
+            sub_nodes[[x["id"] for x in sub_nodes].index(target)]["inputs"].append({"name": target_name, "link": link_id})
+        return link_id
+
+    for link in internal:
+        target_index, target_slot = link[2], link[3]
+        saved = [i for i in inner[target_index].get("inputs") or [] if isinstance(i, dict)]
+        target_name = saved[target_slot].get("name") if target_slot < len(saved) else None
+        add_link(new_ids[link[0]], link[1], new_ids[target_index], target_slot, target_name)
+    sub_inputs = []
+    for k, (group_name, index, input_name) in enumerate(sockets):
+        link_id = add_link(int(SUBGRAPH_INPUT_ID), k, new_ids[index], 0, input_name)
+        sub_inputs.append({"name": group_name, "linkIds": [link_id]})
+    sub_outputs = []
+    for j, (index, output_id) in enumerate(outputs):
+        link_id = add_link(new_ids[index], output_id, int(SUBGRAPH_OUTPUT_ID), j, None)
+        sub_outputs.append({"name": f"output {j}", "linkIds": [link_id]})
+    saved_links = {i.get("name"): i.get("link") for i in node.get("inputs") or [] if isinstance(i, dict)}
+    sub_id = f"groupnode:{name}:{instance_id}"
+    sub = {"id": sub_id, "name": name, "nodes": sub_nodes, "links": sub_links, "inputs": sub_inputs,
+           "outputs": sub_outputs}
+    instance = {"id": instance_id, "type": sub_id, "mode": MODE_ALWAYS, "title": node.get("title") or name,
+                "inputs": [{"name": g, "link": saved_links.get(g)} for g, _i, _n in sockets],
+                "outputs": [], "properties": {}, "widgets_values": []}
+    return sub, instance, last

@@ -70,10 +70,12 @@ def test_recordings_cover_every_case():
         if any(k.count(":") == 2 for k in prompt):
             seen.add("nested subgraph")
         subgraphs = {s["id"] for s in (workflow.get("definitions") or {}).get("subgraphs") or []}
+        if (workflow.get("extra") or {}).get("groupNodes"):
+            seen.add("group node")
         if sum(n["type"] in subgraphs for n in workflow["nodes"]) >= 2:
             seen.add("two instances")
     assert seen >= {"Reroute", "PrimitiveNode", "Note", "MarkdownNote", "mode2", "mode4", "group", "native reroute",
-                    "converted widget", "subgraph", "nested subgraph", "two instances"}, seen
+                    "converted widget", "subgraph", "nested subgraph", "two instances", "group node"}, seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,4 +150,21 @@ def test_primitive_node_without_value(object_info):
     prim = next(n for n in workflow["nodes"] if n["type"] == "PrimitiveNode" and n["outputs"][0]["links"])
     prim["widgets_values"] = []
     with pytest.raises(WorkflowError, match=rf"PrimitiveNode {prim['id']} has no value"):
+        ui_to_api(workflow, object_info)
+
+
+def test_group_node_with_unsupported_inner_primitive(object_info):
+    workflow, _ = _load("group_nodes_legacy")
+    workflow = copy.deepcopy(workflow)
+    group = workflow["extra"]["groupNodes"]["Conditioning"]
+    group["nodes"].append({"type": "PrimitiveNode", "inputs": [], "outputs": [], "widgets_values": [1], "index": 4})
+    with pytest.raises(WorkflowError, match=r"group node 2 \(workflow>Conditioning\): contains a PrimitiveNode"):
+        ui_to_api(workflow, object_info)
+
+
+def test_group_node_with_unknown_inner_type(object_info):
+    workflow, _ = _load("group_nodes_legacy")
+    workflow = copy.deepcopy(workflow)
+    workflow["extra"]["groupNodes"]["Decode and save"]["nodes"][1]["type"] = "ImageUpscaleWithModel"
+    with pytest.raises(WorkflowError, match=r"group node 7 .*unknown node type 'ImageUpscaleWithModel'"):
         ui_to_api(workflow, object_info)

@@ -29,7 +29,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 CHECKPOINTS = ("sdxl_base_1.0.safetensors", "sdxl_refiner_1.0.safetensors")
 
 BUILDERS: dict[str, str] = {}
-LEGACY: dict[str, dict] = {}
+# Workflows as an older editor saved them (legacy group nodes, which 1.58 can no longer make; written
+# by hand in that format): only their conversion comes from the editor.
+LEGACY: dict[str, dict] = json.loads((OUT / "_legacy_group_node_sources.json").read_text())
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
