@@ -25,6 +25,7 @@ def object_info():
     # Our server's definitions, plus ComfyUI's own for the core node ids (recorded from ComfyUI v0.8.0;
     # the editor had these registered when recording ``core_*`` workflows).
     info = json.loads((DATA / "comfyui_core_object_info.json").read_text())
+    info.update(json.loads((DATA / "probe_object_info.json").read_text()))
     info.update(json.loads((DATA / "object_info.json").read_text()))
     return info
 

@@ -69,9 +69,11 @@ def main() -> None:
                 # ComfyUI's own definitions of a few core nodes (recorded from ComfyUI v0.8.0), for the
                 # workflows that use core node ids; registered only where the server lacks them.
                 core = json.loads((OUT / "comfyui_core_object_info.json").read_text())
+                # two made-up probe nodes (an INT widget before INT sockets) for the editor's input order
+                core.update(json.loads((OUT / "probe_object_info.json").read_text()))
                 page.evaluate("async (defs) => { for (const [n, d] of Object.entries(defs))"
                               " if (!LiteGraph.registered_node_types[n]) await app.registerNodeDef(n, d); }", core)
-                names = sys.argv[1:] or list(BUILDERS) + list(LEGACY)
+                names = sys.argv[1:] or list(BUILDERS) + list(LEGACY) + list(DERIVED)
                 for name in names:
                     if name in BUILDERS:
                         res = page.evaluate("async () => {" + lib + BUILDERS[name] + "}")
@@ -79,7 +81,7 @@ def main() -> None:
                             raise SystemExit(f"{name}: the editor converts the saved file differently from the graph")
                         workflow = res["workflow"]
                     else:
-                        workflow = LEGACY[name]
+                        workflow = LEGACY[name] if name in LEGACY else DERIVED[name]()
                         res = page.evaluate("async (w) => {" + lib + "await app.loadGraphData(w, true, false, 'x');"
                                             "await new Promise(r => setTimeout(r, 300));"
                                             "return {reloaded_prompt: (await app.graphToPrompt()).output};}",
@@ -266,6 +268,32 @@ split.widgets[0].value = 20;
 add('Note', [0, 900]).widgets[0].value = 'The base model does the first 20 of 25 steps, the refiner the rest.';
 return await finish();
 """
+
+BUILDERS["bypass_input_order"] = """
+// A bypassed node whose definition lists an INT widget before two INT sockets: the loaded node has
+// its sockets first, so the same-slot rule picks socket b (not widget a).
+const s1 = add('UIProbeInt', [0, 0], {value: 11}); const s2 = add('UIProbeInt', [0, 200], {value: 22});
+const mix = add('UIProbeMix', [300, 0], {a: 5}); link(s1, 0, mix, 'b'); link(s2, 0, mix, 'c');
+const out = add('UIProbeMix', [600, 0], {a: 7}); link(mix, 0, out, 'b'); link(s2, 0, out, 'c');
+mix.mode = 4;
+return await finish();
+"""
+
+
+def _primitive_stale_targets() -> dict:
+    """``primitive_shared`` as a file whose fed widgets still hold other values (an edited or older
+    file): the editor writes each PrimitiveNode's value into every widget it feeds before converting."""
+    workflow = json.loads((OUT / "primitive_shared.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] in ("SDXLBaseSampler", "SDXLNoiseAndRefine"):
+            node["widgets_values"] = [0 if isinstance(v, int) and not isinstance(v, bool) else v
+                                      for v in node["widgets_values"]]
+            node["widgets_values"] = ["euler" if v == "heun" else v for v in node["widgets_values"]]
+            node.pop("widgets_values_named", None)
+    return workflow
+
+
+DERIVED = {"primitive_stale_targets": _primitive_stale_targets}
 
 
 if __name__ == "__main__":
