@@ -625,6 +625,9 @@ class _Converter:
             if not isinstance(values, list) or not values:
                 raise WorkflowError(f"{self.source}: PrimitiveNode {node_id}{graph.where} has no value "
                                     "(empty widgets_values); set its value in the editor")
+            if (node.get("properties") or {}).get("Run widget replace on values") and "%" in str(values[0]):
+                log.warning("%s: PrimitiveNode %s asks for text replacements (%%date:…%%, %%Node.widget%%) in %r; "
+                            "they are not applied here, the text is sent as it is", self.source, node_id, values[0])
             for link_id in link_ids:
                 link = graph.links.get(str(link_id))
                 target = graph.nodes.get(link[2]) if link else None
