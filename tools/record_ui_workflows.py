@@ -96,7 +96,11 @@ def main() -> None:
                 browser.close()
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 BUILDERS["reroute_note_group"] = """
@@ -276,6 +280,18 @@ const s1 = add('UIProbeInt', [0, 0], {value: 11}); const s2 = add('UIProbeInt', 
 const mix = add('UIProbeMix', [300, 0], {a: 5}); link(s1, 0, mix, 'b'); link(s2, 0, mix, 'c');
 const out = add('UIProbeMix', [600, 0], {a: 7}); link(mix, 0, out, 'b'); link(s2, 0, out, 'c');
 mix.mode = 4;
+return await finish();
+"""
+
+BUILDERS["subgraph_fed_by_primitive"] = """
+// a PrimitiveNode outside feeding a subgraph input that carries a promoted widget (steps), and a
+// plain node output feeding another subgraph input (the conditioning)
+const g = baseGraph();
+const tmp = add('PrimitiveNode', [700, -300]); link(tmp, 0, g.samp, 'steps'); tmp.widgets[0].value = 33;
+const {node} = G.convertToSubgraph(new Set([g.samp, g.lat]));
+tmp.disconnectOutput(0); G.remove(tmp);
+node.widgets.find(w => w.name === 'steps').value = 17;
+const prim = add('PrimitiveNode', [700, -500], {}, 'Steps'); link(prim, 0, node, 'steps'); prim.widgets[0].value = 44;
 return await finish();
 """
 
