@@ -2,7 +2,7 @@
 
 Every ``tests/data/ui_workflows/<name>.json`` was built in the real editor (frontend 1.58.1, see
 ``tools/record_ui_workflows.py``); ``<name>.frontend_prompt.json`` next to it is what the editor's
-``app.graphToPrompt()`` produced for it, and ``object_info.json`` the node definitions it had. The
+``app.graphToPrompt()`` produced for it, and ``support/object_info.json`` the node definitions it had. The
 converter must give exactly that prompt. The browser test re-checks this live.
 """
 
@@ -24,9 +24,9 @@ NAMES = sorted(p.name[: -len(".frontend_prompt.json")] for p in DATA.glob("*.fro
 def object_info():
     # Our server's definitions, plus ComfyUI's own for the core node ids (recorded from ComfyUI v0.8.0;
     # the editor had these registered when recording ``core_*`` workflows).
-    info = json.loads((DATA / "comfyui_core_object_info.json").read_text())
-    info.update(json.loads((DATA / "probe_object_info.json").read_text()))
-    info.update(json.loads((DATA / "object_info.json").read_text()))
+    info = json.loads((DATA / "support" / "comfyui_core_object_info.json").read_text())
+    info.update(json.loads((DATA / "support" / "probe_object_info.json").read_text()))
+    info.update(json.loads((DATA / "support" / "object_info.json").read_text()))
     return info
 
 

@@ -7,7 +7,7 @@ PrimitiveNode) to make the graph. It then saves ``(await app.graphToPrompt()).wo
 ``<name>.json``, loads that file back into the editor, and saves the editor's ``graphToPrompt()``
 output as ``<name>.frontend_prompt.json`` (the independent golden; it must equal the prompt of the
 graph before saving). Workflows from an older editor (legacy group nodes) are written by hand in
-``LEGACY`` below and only converted by the editor. ``object_info.json`` records the node definitions
+``LEGACY`` below and only converted by the editor. ``support/object_info.json`` records the node definitions
 the editor had.
 
     python tools/record_ui_workflows.py            # needs /usr/bin/chromium and the playwright package
@@ -31,7 +31,7 @@ CHECKPOINTS = ("sdxl_base_1.0.safetensors", "sdxl_refiner_1.0.safetensors")
 BUILDERS: dict[str, str] = {}
 # Workflows as an older editor saved them (legacy group nodes, which 1.58 can no longer make; written
 # by hand in that format): only their conversion comes from the editor.
-LEGACY: dict[str, dict] = json.loads((OUT / "_legacy_group_node_sources.json").read_text())
+LEGACY: dict[str, dict] = json.loads((OUT / "support" / "legacy_group_node_sources.json").read_text())
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
@@ -55,7 +55,7 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    lib = (OUT / "_editor_lib.js").read_text()
+    lib = (OUT / "support" / "editor_lib.js").read_text()
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(Path(tmp))
         try:
@@ -68,9 +68,9 @@ def main() -> None:
                 page.wait_for_timeout(1500)
                 # ComfyUI's own definitions of a few core nodes (recorded from ComfyUI v0.8.0), for the
                 # workflows that use core node ids; registered only where the server lacks them.
-                core = json.loads((OUT / "comfyui_core_object_info.json").read_text())
+                core = json.loads((OUT / "support" / "comfyui_core_object_info.json").read_text())
                 # two made-up probe nodes (an INT widget before INT sockets) for the editor's input order
-                core.update(json.loads((OUT / "probe_object_info.json").read_text()))
+                core.update(json.loads((OUT / "support" / "probe_object_info.json").read_text()))
                 page.evaluate("async (defs) => { for (const [n, d] of Object.entries(defs))"
                               " if (!LiteGraph.registered_node_types[n]) await app.registerNodeDef(n, d); }", core)
                 names = sys.argv[1:] or list(BUILDERS) + list(LEGACY) + list(DERIVED)
@@ -91,7 +91,7 @@ def main() -> None:
                     print("recorded", name, len(res["reloaded_prompt"]), "prompt nodes")
                 info = page.evaluate("async () => await (await fetch('api/object_info')).json()")
                 version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
-                (OUT / "object_info.json").write_text(json.dumps(info, indent=1) + "\n")
+                (OUT / "support" / "object_info.json").write_text(json.dumps(info, indent=1) + "\n")
                 print("frontend", version)
                 browser.close()
         finally:
