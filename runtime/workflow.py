@@ -20,10 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .validate import is_link
 
 __all__ = [
     "CONTROL_AFTER_GENERATE",
@@ -176,10 +179,19 @@ def normalize_api_prompt(prompt: Mapping[str, Any]) -> dict[str, dict]:
         node = dict(node) if isinstance(node, dict) else node
         if isinstance(node, dict) and isinstance(node.get("inputs"), dict):
             node["inputs"] = {
-                k: [str(v[0]), v[1]] if _is_link(v) else v for k, v in node["inputs"].items()
+                k: _string_source(v) for k, v in node["inputs"].items()
             }
         out[str(node_id)] = node
     return out
+
+
+def _string_source(value: Any) -> Any:
+    """``[5, 0]`` (an int node id, as scripts write it) → ``["5", 0]``; anything else unchanged."""
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], int) and not isinstance(value[0], bool):
+        candidate = [str(value[0]), value[1]]
+        if is_link(candidate):
+            return candidate
+    return value
 
 
 def load_workflow_data(data: Any, object_info: Mapping[str, dict] | None, *, source: str = "<workflow>") -> LoadedWorkflow:
@@ -291,14 +303,6 @@ def _widget_default(node_def: Mapping[str, Any], name: str) -> Any:
 # UI workflow → API prompt
 
 
-def _is_link(value: Any) -> bool:
-    return (
-        isinstance(value, list) and len(value) == 2
-        and isinstance(value[0], (str, int)) and not isinstance(value[0], bool)
-        and isinstance(value[1], int) and not isinstance(value[1], bool)
-    )
-
-
 def _is_valid_connection(a: Any, b: Any) -> bool:
     """litegraph's ``isValidConnection``: ``*``/empty match anything; comma lists are unions."""
     a = 0 if a in ("", "*") else a
@@ -311,96 +315,400 @@ def _is_valid_connection(a: Any, b: Any) -> bool:
     return bool(set(sa.split(",")) & set(sb.split(",")))
 
 
-class _Graph:
-    """Index of a UI workflow's nodes and links (list or schema-1 dict links)."""
+SUBGRAPH_INPUT_ID, SUBGRAPH_OUTPUT_ID = "-10", "-20"  # litegraph's ids of a subgraph's input/output nodes
+_GROUP_NODE_PREFIXES = ("workflow>", "workflow/")  # legacy group nodes (extra.groupNodes)
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 
-    def __init__(self, workflow: Mapping[str, Any], source: str):
+
+class _Graph:
+    """One level of a UI workflow: the root graph, or one subgraph definition (``definitions.subgraphs``)."""
+
+    def __init__(self, data: Mapping[str, Any], source: str, definition: bool = False):
         self.source = source
+        self.id = str(data.get("id")) if definition else None
+        self.name = data.get("name") if definition else None
+        self.where = f" in subgraph {self.name!r} ({self.id})" if definition else ""
         self.nodes: dict[str, dict] = {}
-        for node in workflow.get("nodes") or []:
+        for node in data.get("nodes") or []:
             if not isinstance(node, dict) or "id" not in node:
-                raise WorkflowError(f"{source}: a node entry has no 'id': {str(node)[:80]}")
+                raise WorkflowError(f"{source}: a node entry{self.where} has no 'id': {str(node)[:80]}")
             self.nodes[str(node["id"])] = node
         self.links: dict[str, tuple[str, int, str, int, Any]] = {}
-        for link in workflow.get("links") or []:
+        for link in data.get("links") or []:
             if isinstance(link, dict):
                 try:
                     row = (link["id"], link["origin_id"], link["origin_slot"], link["target_id"],
                            link["target_slot"], link.get("type"))
                 except KeyError as e:
-                    raise WorkflowError(f"{source}: link {link} has no {e.args[0]!r}") from None
+                    raise WorkflowError(f"{source}: link {link}{self.where} has no {e.args[0]!r}") from None
             elif isinstance(link, (list, tuple)) and len(link) >= 5:
                 row = tuple(link[:6]) if len(link) >= 6 else (*link[:5], None)
             else:
-                raise WorkflowError(f"{source}: malformed link entry {link!r}")
+                raise WorkflowError(f"{source}: malformed link entry {link!r}{self.where}")
             lid, oid, oslot, tid, tslot, ltype = row
             self.links[str(lid)] = (str(oid), int(oslot), str(tid), int(tslot), ltype)
+        # A subgraph definition's own input and output slots (what its instances show).
+        self.inputs = [s for s in (data.get("inputs") or []) if isinstance(s, dict)] if definition else []
+        self.outputs = [s for s in (data.get("outputs") or []) if isinstance(s, dict)] if definition else []
 
-    def resolve_input(self, node: dict, slot: int, want_type: Any, visited: set) -> tuple[str, int] | None:
-        """The real ``(source_id, output_index)`` feeding input ``slot``, or None."""
-        key = (str(node["id"]), "I", slot)
+
+class _Exec:
+    """One node as the frontend compiles it (litegraph's ``ExecutableNodeDTO``).
+
+    ``path`` holds the ids of the subgraph instances from the root down to the one containing the
+    node; the execution id is ``path`` and the node's own id joined by ``:`` (``"12:5"``).
+    """
+
+    __slots__ = ("node", "path", "graph", "instance", "id", "inputs")
+
+    def __init__(self, node: dict, path: tuple[str, ...], graph: _Graph, instance: _Exec | None, inputs: list):
+        self.node, self.path, self.graph, self.instance = node, path, graph, instance
+        self.id = ":".join((*path, str(node["id"])))
+        self.inputs = inputs  # [(name, type, link_id)] in the frontend's live order
+
+
+def _input_type(spec: Any) -> Any:
+    input_type = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    return "COMBO" if isinstance(input_type, (list, tuple)) else input_type
+
+
+class _Converter:
+    """``graphToPrompt`` of frontend 1.58 (``src/utils/executionUtil.ts``) over a UI workflow."""
+
+    def __init__(self, workflow: Mapping[str, Any], object_info: Mapping[str, dict], source: str):
+        self.source = source
+        self.object_info = object_info
+        self.root = _Graph(workflow, source)
+        self.subgraphs: dict[str, _Graph] = {}
+        for data in (workflow.get("definitions") or {}).get("subgraphs") or []:
+            if isinstance(data, dict) and data.get("id") is not None:
+                self.subgraphs[str(data["id"])] = _Graph(data, source, definition=True)
+        self.execs: dict[str, _Exec] = {}
+        self.overrides: dict[tuple[str | None, str], dict[str, Any]] = {}
+
+    # ---- node shape ----------------------------------------------------------------------
+
+    def subgraph_of(self, node: dict) -> _Graph | None:
+        return self.subgraphs.get(str(node.get("type")))
+
+    def is_virtual(self, node: dict) -> bool:
+        return node.get("type") in VIRTUAL_NODE_TYPES or self.subgraph_of(node) is not None
+
+    def live_inputs(self, node: dict) -> list[tuple[str, Any, Any]]:
+        """The node's inputs as the loaded graph has them (seen in frontend 1.58): the definition's
+        sockets, then its widget inputs (even when the saved file left them out), each in definition
+        order with the definition's type, then any other saved input; links by input name."""
+        saved = [i for i in (node.get("inputs") or []) if isinstance(i, dict)]
+        links = {i.get("name"): i.get("link") for i in saved}
+        declared: list[tuple[str, Any]] = []
+        sub = self.subgraph_of(node)
+        node_def = self.object_info.get(node.get("type")) if sub is None else None
+        if sub is not None:
+            declared = [(s.get("name"), s.get("type")) for s in sub.inputs]
+        elif node_def is not None:
+            inputs, order = node_def.get("input") or {}, node_def.get("input_order") or {}
+            for category in ("required", "optional"):
+                section = inputs.get(category) or {}
+                listed = [n for n in (order.get(category) or []) if n in section]
+                declared += [(n, _input_type(section[n])) for n in listed + [n for n in section if n not in listed]]
+            widgets = {n for n, companion in widget_layout(node_def) if not companion}
+            declared = [d for d in declared if d[0] not in widgets] + [d for d in declared if d[0] in widgets]
+        names = {n for n, _ in declared}
+        out = [(n, t, links.get(n)) for n, t in declared]
+        out += [(i.get("name"), i.get("type"), i.get("link")) for i in saved if i.get("name") not in names]
+        return out
+
+    def output_type(self, node: dict, slot: int) -> Any:
+        sub = self.subgraph_of(node)
+        if sub is not None:
+            return sub.outputs[slot].get("type") if slot < len(sub.outputs) else None
+        node_def = self.object_info.get(node.get("type"))
+        if node_def is not None and slot < len(node_def.get("output") or []):
+            return _input_type([node_def["output"][slot]])
+        outputs = node.get("outputs") or []
+        return outputs[slot].get("type") if slot < len(outputs) and isinstance(outputs[slot], dict) else None
+
+    def make_exec(self, node: dict, path: tuple[str, ...], graph: _Graph, instance: _Exec | None) -> _Exec:
+        dto = _Exec(node, path, graph, instance, self.live_inputs(node))
+        self.execs[dto.id] = dto
+        return dto
+
+    def expand(self, instance: _Exec, chain: tuple[str, ...]) -> None:
+        """``SubgraphNode.getInnerNodes``: register the inner nodes of a subgraph instance (nested
+        instances are expanded whatever their mode, as the frontend does)."""
+        sub = self.subgraph_of(instance.node)
+        if sub.id in chain:
+            raise WorkflowError(f"{self.source}: subgraph {sub.name!r} ({sub.id}) contains itself "
+                                f"(through node {instance.id}); a subgraph cannot be nested in itself")
+        path = (*instance.path, str(instance.node["id"]))
+        for inner in sub.nodes.values():
+            dto = self.make_exec(inner, path, sub, instance)
+            if self.subgraph_of(inner) is not None:
+                self.expand(dto, (*chain, sub.id))
+
+    # ---- link resolution (ExecutableNodeDTO.resolveInput / resolveOutput) --------------------
+
+    def _visit(self, dto: _Exec, kind: str, slot: int, visited: set) -> None:
+        key = (dto.instance.graph.id if dto.instance else None, dto.instance and dto.instance.id, str(dto.node["id"]), kind, slot)
         if key in visited:
-            raise WorkflowError(f"{self.source}: circular link through bypassed/reroute node {node['id']}")
+            raise WorkflowError(f"{self.source}: circular link through node {dto.id} ({dto.node.get('type')}): "
+                                "reroutes or bypassed nodes form a loop; remove one of its links")
         visited.add(key)
-        inputs = node.get("inputs") or []
-        if slot >= len(inputs):
+
+    def _broken(self, dto: _Exec, what: str) -> WorkflowError:
+        return WorkflowError(f"{self.source}: node {dto.id} ({dto.node.get('type')}){dto.graph.where}: {what}; "
+                             "the workflow file is damaged: reconnect or delete that input in the editor")
+
+    def resolve_input(self, dto: _Exec, slot: int, visited: set, want: Any = None):
+        """``None``, ``("link", exec_id, output_index)`` or ``("value", value)``."""
+        self._visit(dto, "I", slot, visited)
+        if slot >= len(dto.inputs):
             return None
-        inp = inputs[slot]
-        link_id = inp.get("link")
+        name, input_type, link_id = dto.inputs[slot]
         if link_id is None:
             return None
-        link = self.links.get(str(link_id))
+        link = dto.graph.links.get(str(link_id))
         if link is None:
+            if dto.graph.id is not None:
+                raise self._broken(dto, f"input {name!r} refers to link {link_id}, which does not exist")
             log.warning("%s: node %s input %r refers to missing link %s; treated as unconnected",
-                        self.source, node["id"], inp.get("name"), link_id)
+                        self.source, dto.id, name, link_id)
             return None
-        origin = self.nodes.get(link[0])
+        origin_id, origin_slot = link[0], link[1]
+        if dto.instance is not None and origin_id == SUBGRAPH_INPUT_ID:
+            return self._resolve_subgraph_input(dto, name, origin_slot, visited)
+        origin = dto.graph.nodes.get(origin_id)
         if origin is None:
+            if dto.graph.id is not None:
+                raise self._broken(dto, f"input {name!r} is linked (link {link_id}) from node {origin_id}, "
+                                        "which does not exist")
             log.warning("%s: link %s comes from missing node %s; treated as unconnected",
-                        self.source, link_id, link[0])
+                        self.source, link_id, origin_id)
             return None
-        return self.resolve_output(origin, link[1], want_type if want_type is not None else inp.get("type"), visited)
+        origin_dto = self.execs.get(":".join((*dto.path, origin_id)))
+        if origin_dto is None:
+            return None
+        return self.resolve_output(origin_dto, origin_slot, want if want is not None else input_type, visited)
 
-    def resolve_output(self, node: dict, slot: int, want_type: Any, visited: set) -> tuple[str, int] | None:
-        key = (str(node["id"]), "O", slot)
-        if key in visited:
-            raise WorkflowError(f"{self.source}: circular link through bypassed/reroute node {node['id']}")
-        visited.add(key)
-        if node.get("mode") == MODE_BYPASS:
-            index = self._bypass_slot_index(node, slot, want_type)
+    def _resolve_subgraph_input(self, dto: _Exec, name: str, index: int, visited: set):
+        """A link from the subgraph's input node: continue outside, at the instance's input."""
+        instance, sub = dto.instance, dto.instance and self.subgraph_of(dto.instance.node)
+        if index >= len(sub.inputs):
+            raise self._broken(dto, f"input {name!r} is linked from subgraph input {index}, but the subgraph "
+                                    f"has {len(sub.inputs)} input(s)")
+        outer_slot = next((i for i, (n, _t, _l) in enumerate(instance.inputs) if n == sub.inputs[index].get("name")), None)
+        if outer_slot is not None and instance.inputs[outer_slot][2] is not None:
+            return self.resolve_input(instance, outer_slot, visited)
+        promoted = self.promoted_value(instance, index)
+        return None if promoted is None else ("value", promoted[0])
+
+    def promoted_value(self, instance: _Exec, index: int) -> tuple[Any] | None:
+        """The value of the widget promoted onto a subgraph instance for subgraph input ``index``
+        (``SubgraphNode._resolveInputWidget`` / ``_applyPromotedWidgetValues``), or None if that
+        input carries no widget. The instance's ``widgets_values`` hold one value per promoted input."""
+        sub = self.subgraph_of(instance.node)
+        promoted = [i for i in range(len(sub.inputs)) if self._promoted_widget(sub, i) is not None]
+        if index not in promoted:
+            return None
+        values = instance.node.get("widgets_values")
+        position = promoted.index(index)
+        if isinstance(values, list) and position < len(values):
+            return (values[position],)
+        inner, widget = self._promoted_widget(sub, index)
+        return (self.widget_values(inner, sub).get(widget),)
+
+    def _promoted_widget(self, sub: _Graph, index: int) -> tuple[dict, str] | None:
+        """The first inner node widget fed by subgraph input ``index``: ``(node, widget name)``."""
+        for link_id in sub.inputs[index].get("linkIds") or []:
+            link = sub.links.get(str(link_id))
+            target = sub.nodes.get(link[2]) if link else None
+            if target is None:
+                continue
+            for inp in target.get("inputs") or []:
+                if isinstance(inp, dict) and str(inp.get("link")) == str(link_id) and isinstance(inp.get("widget"), dict):
+                    wname = inp["widget"].get("name")
+                    node_def = self.object_info.get(target.get("type"))
+                    if node_def is not None and any(n == wname for n, _c in widget_layout(node_def)):
+                        return target, wname
+        return None
+
+    def resolve_output(self, dto: _Exec, slot: int, want: Any, visited: set):
+        self._visit(dto, "O", slot, visited)
+        node = dto.node
+        mode = node.get("mode", MODE_ALWAYS)
+        if mode == MODE_NEVER:
+            return None  # muted nodes produce nothing
+        if mode == MODE_BYPASS:
+            index = self._bypass_slot_index(dto, slot, want)
             if index < 0:
                 log.info("%s: bypassed node %s has no input of type %s; input left unconnected",
-                         self.source, node["id"], want_type)
+                         self.source, dto.id, want)
                 return None
-            return self.resolve_input(node, index, None, visited)
-        if node.get("type") == "Reroute":
-            if node.get("inputs"):
-                return self.resolve_input(node, 0, want_type, visited)
-            return None
+            return self.resolve_input(dto, index, visited)
+        sub = self.subgraph_of(node)
+        if sub is not None:
+            if slot >= len(sub.outputs):
+                raise self._broken(dto, f"output {slot} is used, but its subgraph has {len(sub.outputs)} output(s)")
+            link_ids = sub.outputs[slot].get("linkIds") or []
+            link = sub.links.get(str(link_ids[0])) if link_ids else None
+            if link is None:
+                if link_ids:
+                    raise WorkflowError(f"{self.source}: subgraph {sub.name!r} ({sub.id}) output "
+                                        f"{sub.outputs[slot].get('name')!r} refers to link {link_ids[0]}, which "
+                                        "does not exist; the workflow file is damaged")
+                return None  # nothing connected to that output inside
+            inner = self.execs.get(":".join((*dto.path, str(node["id"]), link[0])))
+            if inner is None:
+                raise WorkflowError(f"{self.source}: subgraph {sub.name!r} ({sub.id}) output "
+                                    f"{sub.outputs[slot].get('name')!r} comes from node {link[0]}, which does not "
+                                    f"exist in the subgraph (instance node {dto.id})")
+            return self.resolve_output(inner, link[1], want, visited)
         if node.get("type") in VIRTUAL_NODE_TYPES:
-            return None  # PrimitiveNode: its value was written into the target widget already
-        return str(node["id"]), slot
+            if node.get("type") == "Reroute":
+                return self.resolve_input(dto, 0, visited, want)
+            return None  # PrimitiveNode: its value was written into the widgets it feeds
+        return ("link", dto.id, slot)
 
-    @staticmethod
-    def _bypass_slot_index(node: dict, slot: int, want_type: Any) -> int:
-        """litegraph ``_getBypassSlotIndex``: same slot if compatible, else exact type, else first compatible."""
-        inputs = node.get("inputs") or []
-        outputs = node.get("outputs") or []
-        output_type = outputs[slot].get("type") if slot < len(outputs) else None
-        if want_type in ("*", "", None):
-            return slot if len(inputs) > slot else (0 if inputs else -1)
+    def _bypass_slot_index(self, dto: _Exec, slot: int, want: Any) -> int:
+        """``_getBypassSlotIndex``: the same slot if compatible, else the first input of exactly the
+        wanted type, else the first compatible one."""
+        inputs = dto.inputs
+        output_type = self.output_type(dto.node, slot)
+        if want in ("*", ""):
+            return slot if len(inputs) > slot else 0
         if slot < len(inputs):
-            t = inputs[slot].get("type")
-            if _is_valid_connection(t, output_type) and _is_valid_connection(t, want_type):
+            t = inputs[slot][1]
+            if _is_valid_connection(t, output_type) and _is_valid_connection(t, want):
                 return slot
-        for i, inp in enumerate(inputs):
-            if inp.get("type") == want_type:
+        for i, (_n, t, _l) in enumerate(inputs):
+            if t == want:
                 return i
-        for i, inp in enumerate(inputs):
-            t = inp.get("type")
-            if _is_valid_connection(t, output_type) and _is_valid_connection(t, want_type):
+        for i, (_n, t, _l) in enumerate(inputs):
+            if _is_valid_connection(t, output_type) and _is_valid_connection(t, want):
                 return i
         return -1
+
+    # ---- widgets -----------------------------------------------------------------------
+
+    def widget_values(self, node: dict, graph: _Graph) -> dict[str, Any]:
+        """``{widget: value}`` of a node (companions left out), PrimitiveNode values applied."""
+        node_def = self.object_info[node["type"]]
+        values = node.get("widgets_values")
+        layout = widget_layout(node_def)
+        if isinstance(values, dict):  # some exporters store widgets by name
+            named = values
+        else:
+            values = list(values or [])
+            named = {}
+            for index, (name, companion) in enumerate(layout):
+                if index < len(values) and not companion:
+                    named[name] = values[index]
+            if len(values) < len(layout) and isinstance(node.get("widgets_values_named"), dict):
+                named = {**named, **node["widgets_values_named"]}
+        out = {}
+        for name, companion in layout:
+            if not companion:
+                out[name] = named[name] if name in named else _widget_default(node_def, name)
+        out.update(self.overrides.get((graph.id, str(node["id"])), {}))
+        return out
+
+    def apply_primitives(self, graph: _Graph) -> None:
+        """Legacy ``PrimitiveNode.applyToGraph``: its value goes into every widget its output feeds."""
+        for node_id, node in graph.nodes.items():
+            if node.get("type") != "PrimitiveNode":
+                continue
+            values = node.get("widgets_values")
+            outputs = node.get("outputs") or []
+            link_ids = (outputs[0].get("links") or []) if outputs and isinstance(outputs[0], dict) else []
+            if not link_ids:
+                continue  # feeds nothing: the frontend ignores it
+            if not isinstance(values, list) or not values:
+                raise WorkflowError(f"{self.source}: PrimitiveNode {node_id}{graph.where} has no value "
+                                    "(empty widgets_values); set its value in the editor")
+            if (node.get("properties") or {}).get("Run widget replace on values") and "%" in str(values[0]):
+                log.warning("%s: PrimitiveNode %s asks for text replacements (%%date:…%%, %%Node.widget%%) in %r; "
+                            "they are not applied here, the text is sent as it is", self.source, node_id, values[0])
+            for link_id in link_ids:
+                link = graph.links.get(str(link_id))
+                target = graph.nodes.get(link[2]) if link else None
+                if target is None or link[0] != node_id:
+                    raise WorkflowError(
+                        f"{self.source}: PrimitiveNode {node_id}{graph.where} feeds link {link_id}, which "
+                        f"{'does not exist' if link is None else 'leads to no node'}; the workflow file is "
+                        "damaged: reconnect the primitive in the editor")
+                inp = next((i for i in (target.get("inputs") or [])
+                            if isinstance(i, dict) and str(i.get("link")) == str(link_id)), None)
+                wname = (inp.get("widget") or {}).get("name") if inp else None
+                if not wname:
+                    log.warning("%s: PrimitiveNode %s feeds input %r of node %s, which is not a widget; "
+                                "ignored as the frontend does", self.source, node_id,
+                                inp.get("name") if inp else None, target.get("id"))
+                    continue
+                self.overrides.setdefault((graph.id, str(target["id"])), {})[wname] = values[0]
+
+    # ---- the conversion ------------------------------------------------------------------
+
+    def convert(self) -> dict[str, dict]:
+        for node_id, node in self.root.nodes.items():
+            ntype = str(node.get("type"))
+            if ntype.startswith(_GROUP_NODE_PREFIXES) or (_UUID.match(ntype) and self.subgraph_of(node) is None):
+                kind = "group node" if ntype.startswith(_GROUP_NODE_PREFIXES) else "subgraph"
+                raise WorkflowError(
+                    f"{self.source}: node {node_id} is a {kind} ({ntype}) whose definition is missing from the "
+                    f"workflow ({'extra.groupNodes' if kind == 'group node' else 'definitions.subgraphs'}); "
+                    "the file was cut short or edited by hand: save it again from the editor")
+        for graph in (self.root, *self.subgraphs.values()):
+            self.apply_primitives(graph)
+        # 1. graphToPrompt's node map: root nodes, and the inner nodes of active subgraph instances.
+        for node in self.root.nodes.values():
+            dto = self.make_exec(node, (), self.root, None)
+            if node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
+                continue
+            if self.subgraph_of(node) is not None:
+                self.expand(dto, ())
+        # 2. Which nodes reach the server; unknown types are reported all at once.
+        active: list[_Exec] = []
+        unknown: dict[str, list[str]] = {}
+        for dto in self.execs.values():
+            node = dto.node
+            if self.is_virtual(node) or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
+                continue
+            if node.get("type") not in self.object_info:
+                unknown.setdefault(str(node.get("type")), []).append(dto.id)
+                continue
+            active.append(dto)
+        if unknown:
+            listing = "; ".join(f"{t} (node {', '.join(ids)})" for t, ids in sorted(unknown.items()))
+            raise WorkflowError(
+                f"{self.source}: unknown node type(s): {listing}. They come from another node pack (ComfyUI "
+                "core or a custom node) that is not available here; replace or delete those nodes"
+            )
+        # 3. Widgets, then links (a linked widget's literal is replaced by the link or inlined value).
+        output: dict[str, dict] = {}
+        for dto in sorted(active, key=lambda d: _sort_key(d.id)):
+            node = dto.node
+            node_def = self.object_info[node["type"]]
+            inputs: dict[str, Any] = {}
+            for name, value in self.widget_values(node, dto.graph).items():
+                inputs[name] = {"__value__": value} if isinstance(value, list) else value
+            for slot, (name, _t, _l) in enumerate(dto.inputs):
+                resolved = self.resolve_input(dto, slot, set())
+                if resolved is None:
+                    continue
+                if resolved[0] == "value":
+                    inputs[name] = {"__value__": resolved[1]} if isinstance(resolved[1], list) else resolved[1]
+                else:
+                    inputs[name] = [resolved[1], resolved[2]]
+            meta = {"title": node.get("title") or node_def.get("display_name") or node["type"]}
+            for key in ("cnr_id", "aux_id", "ver"):
+                if key in (node.get("properties") or {}):
+                    meta[key] = node["properties"][key]
+            output[dto.id] = {"inputs": inputs, "class_type": node["type"], "_meta": meta}
+        # 4. Links to nodes that did not make it (muted, bypassed without a match) are removed.
+        for entry in output.values():
+            for name in [n for n, v in entry["inputs"].items() if is_link(v) and v[0] not in output]:
+                del entry["inputs"][name]
+        return output
 
 
 def _sort_key(node_id: str) -> tuple:
@@ -411,96 +719,214 @@ def _sort_key(node_id: str) -> tuple:
 def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, dict], *, source: str = "<workflow>") -> dict[str, dict]:
     """Convert an editor workflow to an API prompt exactly as the frontend's ``graphToPrompt``.
 
+    Follows frontend 1.58 (``executionUtil.ts``, litegraph's ``ExecutableNodeDTO`` and
+    ``SubgraphNode``): Notes, Reroutes and PrimitiveNodes never reach the server (a PrimitiveNode's
+    value is written into every widget it feeds first); muted nodes drop out; a bypassed node's
+    consumers are rewired to its input of the matching type; subgraph instances are flattened,
+    their inner nodes getting ids ``"<instance id>:<inner id>"`` (nested: ``"a:b:c"``), a promoted
+    widget's value coming from the instance; groups and native reroutes do not matter.
     ``object_info`` maps class types to their ``/object_info`` definitions (for the widget order).
-    Raises :class:`WorkflowError` listing every node type that has no definition.
+    Raises :class:`WorkflowError` listing every node type that has no definition, and for broken
+    structures (dangling links inside subgraphs, missing subgraph or group-node definitions).
     """
     if not isinstance(workflow, Mapping) or not isinstance(workflow.get("nodes"), list):
         raise WorkflowError(f"{source}: not an editor workflow (no 'nodes' list)")
-    graph = _Graph(workflow, source)
-    subgraph_ids = {
-        str(sg.get("id")) for sg in ((workflow.get("definitions") or {}).get("subgraphs") or [])
-        if isinstance(sg, dict)
-    }
+    return _Converter(_migrate_group_nodes(workflow, object_info, source), object_info, source).convert()
 
-    # 1. Which nodes reach the server; unknown types are reported all at once.
-    active: list[dict] = []
-    unknown: dict[str, list[str]] = {}
-    for node_id, node in graph.nodes.items():
-        ntype = node.get("type")
-        mode = node.get("mode", MODE_ALWAYS)
-        if ntype in VIRTUAL_NODE_TYPES or mode in (MODE_NEVER, MODE_BYPASS):
-            continue
-        if ntype in subgraph_ids or str(ntype).startswith(("workflow>", "workflow/")):
-            raise WorkflowError(
-                f"{source}: node {node_id} is a subgraph or group node ({ntype}); these are not supported "
-                "yet: convert it back to plain nodes in the editor (right click → Unpack Subgraph)"
-            )
-        if ntype not in object_info:
-            unknown.setdefault(str(ntype), []).append(node_id)
-            continue
-        active.append(node)
-    if unknown:
-        listing = "; ".join(f"{t} (node {', '.join(ids)})" for t, ids in sorted(unknown.items()))
-        raise WorkflowError(
-            f"{source}: unknown node type(s): {listing}. They come from another node pack (ComfyUI "
-            "core or a custom node) that is not available here; replace or delete those nodes"
-        )
 
-    # 2. Legacy PrimitiveNode: its value is written into every widget it drives.
-    overrides: dict[str, dict[str, Any]] = {}
-    for node in graph.nodes.values():
-        if node.get("type") != "PrimitiveNode" or not node.get("widgets_values"):
-            continue
-        value = node["widgets_values"][0]
-        for output in node.get("outputs") or []:
-            for link_id in output.get("links") or []:
-                link = graph.links.get(str(link_id))
-                target = graph.nodes.get(link[2]) if link else None
-                if target is None:
-                    continue
-                tinputs = target.get("inputs") or []
-                if link[3] < len(tinputs):
-                    inp = tinputs[link[3]]
-                    name = (inp.get("widget") or {}).get("name") or inp.get("name")
-                    overrides.setdefault(link[2], {})[name] = value
+# --------------------------------------------------------------------------------------------
+# Legacy group nodes (extra.groupNodes): frontend 1.58 turns each into a subgraph when it loads
+# the workflow (groupNode.ts: GroupNodeConfig, GroupNodeHandler.convertToNodes, then
+# LGraph.convertToSubgraph); the same is done here, so ids come out as the editor's.
 
-    # 3. Widgets, then links (a linked widget's literal is replaced by the link).
-    output: dict[str, dict] = {}
-    for node in sorted(active, key=lambda n: _sort_key(str(n["id"]))):
-        node_id = str(node["id"])
-        node_def = object_info[node["type"]]
-        inputs: dict[str, Any] = {}
-        values = node.get("widgets_values")
-        layout = widget_layout(node_def)
-        if isinstance(values, dict):  # some exporters store widgets by name
-            named = values
-        else:
-            values = list(values or [])
-            named = {}
-            for index, (name, companion) in enumerate(layout):
-                if index < len(values):
-                    if not companion:
-                        named[name] = values[index]
-            if len(values) < len(layout) and isinstance(node.get("widgets_values_named"), dict):
-                named = {**named, **node["widgets_values_named"]}
-        for name, companion in layout:
-            if companion:
+
+def _def_inputs(node_def: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``{...required, ...optional}`` of a definition in key order, as the group-node code reads it."""
+    inputs = node_def.get("input") or {}
+    merged: dict[str, Any] = {}
+    for category in ("required", "optional"):
+        merged.update(inputs.get(category) or {})
+    return list(merged.items())
+
+
+def _is_widget_spec(node_def: Mapping[str, Any], name: str) -> bool:
+    return any(n == name and not companion for n, companion in widget_layout(node_def))
+
+
+def _migrate_group_nodes(workflow: Mapping[str, Any], object_info: Mapping[str, dict], source: str) -> Mapping[str, Any]:
+    extra = workflow.get("extra") if isinstance(workflow.get("extra"), dict) else {}
+    groups = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
+    nodes = [n for n in workflow.get("nodes") or [] if isinstance(n, dict)]
+    if not groups or not any(str(n.get("type")).startswith(_GROUP_NODE_PREFIXES) for n in nodes):
+        return workflow
+    ids = [n.get("id") for n in nodes if isinstance(n.get("id"), int) and not isinstance(n.get("id"), bool)]
+    last = max([workflow.get("last_node_id") or 0, *ids]) if ids or workflow.get("last_node_id") else 0
+    if not isinstance(last, int):
+        raise WorkflowError(f"{source}: last_node_id {last!r} is not a number")
+    out = dict(workflow)
+    out["nodes"] = []
+    definitions = dict(workflow.get("definitions") or {})
+    definitions["subgraphs"] = list(definitions.get("subgraphs") or [])
+    renamed: dict[str, int] = {}
+    for node in workflow["nodes"]:
+        ntype = str(node.get("type")) if isinstance(node, dict) else ""
+        name = ntype[len("workflow>"):]
+        if not ntype.startswith(_GROUP_NODE_PREFIXES) or name not in groups:
+            out["nodes"].append(node)
+            continue
+        sub, instance, last = _group_to_subgraph(node, name, groups[name], object_info, last, source)
+        definitions["subgraphs"].append(sub)
+        out["nodes"].append(instance)
+        renamed[str(node.get("id"))] = instance["id"]
+    out["definitions"] = definitions
+    # Links from a group node's outputs now leave its subgraph instance (same output order).
+    links = []
+    for link in workflow.get("links") or []:
+        if isinstance(link, list) and len(link) >= 5 and str(link[1]) in renamed:
+            link = [link[0], renamed[str(link[1])], *link[2:]]
+        elif isinstance(link, dict) and str(link.get("origin_id")) in renamed:
+            link = {**link, "origin_id": renamed[str(link["origin_id"])]}
+        links.append(link)
+    out["links"] = links
+    return out
+
+
+def _group_to_subgraph(node: dict, name: str, data: Any, object_info: Mapping[str, dict], last: int,
+                       source: str) -> tuple[dict, dict, int]:
+    where = f"{source}: group node {node.get('id')} ({node.get('type')})"
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        raise WorkflowError(f"{where}: its definition in extra.groupNodes has no 'nodes' list")
+    inner = data["nodes"]
+    for index, n in enumerate(inner):
+        if not isinstance(n, dict):
+            raise WorkflowError(f"{where}: inner node {index} of its definition is not an object")
+        if n.get("type") in ("PrimitiveNode", "Reroute"):
+            raise WorkflowError(f"{where}: contains a {n.get('type')} (inner node {index}); group nodes with "
+                                "those are not supported: open the workflow in the editor, which turns group "
+                                "nodes into subgraphs, and save it again")
+        if n.get("type") not in object_info:
+            raise WorkflowError(f"{where}: contains unknown node type {n.get('type')!r} (inner node {index}); it "
+                                "comes from a node pack that is not available here")
+    if data.get("config"):
+        raise WorkflowError(f"{where}: renamed or hidden group-node slots (its 'config') are not supported: open "
+                            "the workflow in the editor, which turns group nodes into subgraphs, and save it again")
+    links_to: dict[int, dict[int, list]] = {}
+    links_from: dict[int, dict[int, list]] = {}
+    internal = []
+    for link in data.get("links") or []:
+        if not isinstance(link, list) or len(link) < 4:
+            raise WorkflowError(f"{where}: malformed link {link!r} in its definition")
+        if link[0] is None:
+            continue  # a link from outside the group when it was made
+        internal.append(link)
+        links_to.setdefault(link[2], {})[link[3]] = link
+        links_from.setdefault(link[0], {}).setdefault(link[1], []).append(link)
+    external = {(int(e[0]), int(e[1])) for e in data.get("external") or [] if isinstance(e, list) and len(e) >= 3
+                and e[2] is not None}
+
+    # GroupNodeConfig: the group node's widgets (in order), input sockets and outputs.
+    seen: dict[str, int] = {}
+
+    def config_name(n: dict, input_name: str) -> str:
+        label = next((i.get("label") for i in n.get("inputs") or [] if isinstance(i, dict)
+                      and i.get("name") == input_name and i.get("label")), None)
+        new = key = label or input_name
+        if new in seen:
+            prefix = f"{n.get('title') or n.get('type')} "
+            key = new = f"{prefix}{input_name}"
+            if new in seen:
+                new = f"{prefix}{seen[new]} {input_name}"
+        seen[key] = seen.get(key, 1) + 1
+        return new
+
+    group_widgets: dict[str, Any] = {}  # new widget name -> input spec (for the widget layout)
+    widget_names: dict[tuple[int, str], str] = {}
+    sockets: list[tuple[str, int, str]] = []  # (group input name, inner node index, inner input name)
+    outputs: list[tuple[int, int]] = []
+    for index, n in enumerate(inner):
+        node_def = object_info[n["type"]]
+        saved = [i for i in n.get("inputs") or [] if isinstance(i, dict)]
+        slots = []
+        for input_name, spec in _def_inputs(node_def):
+            if not _is_widget_spec(node_def, input_name):
+                slots.append(input_name)
                 continue
-            value = named[name] if name in named else _widget_default(node_def, name)
-            value = overrides.get(node_id, {}).get(name, value)
-            inputs[name] = {"__value__": value} if isinstance(value, list) else value
-        for slot, inp in enumerate(node.get("inputs") or []):
-            resolved = graph.resolve_input(node, slot, None, set())
-            if resolved is not None:
-                inputs[inp.get("name")] = [resolved[0], resolved[1]]
-        meta = {"title": node.get("title") or node_def.get("display_name") or node["type"]}
-        for key in ("cnr_id", "aux_id", "ver"):
-            if key in (node.get("properties") or {}):
-                meta[key] = node["properties"][key]
-        output[node_id] = {"inputs": inputs, "class_type": node["type"], "_meta": meta}
+            if any(i.get("name") == input_name and (i.get("widget") or {}).get("name") == input_name for i in saved):
+                raise WorkflowError(f"{where}: inner node {index} has widget {input_name!r} turned into an input; "
+                                    "that is not supported: open the workflow in the editor, which turns group "
+                                    "nodes into subgraphs, and save it again")
+            new = config_name(n, input_name)
+            spec = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+            options = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if input_name in _SEED_NAMES:
+                options[CONTROL_AFTER_GENERATE] = True
+            group_widgets[new] = [spec[0], options]
+            widget_names[(index, input_name)] = new
+        for i, input_name in enumerate(slots):
+            slot_index = next((k for k, s in enumerate(saved) if s.get("name") == input_name), i)
+            if slot_index in links_to.get(index, {}):
+                continue  # fed inside the group
+            sockets.append((config_name(n, input_name), index, input_name))
+        for output_id in range(len(node_def.get("output") or [])):
+            if output_id in links_from.get(index, {}) and (index, output_id) not in external:
+                continue  # used inside the group only: hidden
+            outputs.append((index, output_id))
 
-    # 4. Links to nodes that did not make it (muted, unknown) are removed.
-    for entry in output.values():
-        for name in [n for n, v in entry["inputs"].items() if _is_link(v) and str(v[0]) not in output]:
-            del entry["inputs"][name]
-    return output
+    # GroupNodeHandler.convertToNodes: new ids, the group node's widget values copied in.
+    layout = widget_layout({"input": {"required": group_widgets}})
+    outer_values = node.get("widgets_values") if isinstance(node.get("widgets_values"), list) else []
+    consumed: set[int] = set()
+    new_ids = []
+    sub_nodes = []
+    for index, n in enumerate(inner):
+        last += 1
+        new_ids.append(last)
+        node_def = object_info[n["type"]]
+        values = n.get("widgets_values")
+        named = dict(values) if isinstance(values, dict) else {
+            wname: v for (wname, companion), v in zip(widget_layout(node_def), values or []) if not companion}
+        for (owner, old), new in widget_names.items():
+            if owner != index:
+                continue
+            position = next((k for k, (wname, companion) in enumerate(layout)
+                             if wname == new and not companion and k not in consumed), None)
+            if position is None:
+                continue
+            consumed.add(position)
+            named[old] = outer_values[position] if position < len(outer_values) else _widget_default(node_def, old)
+        sub_nodes.append({**n, "id": last, "widgets_values": named, "inputs": [], "outputs": []})
+    last += 1
+    instance_id = last
+
+    # LGraph.convertToSubgraph: the inner nodes inside a subgraph, wired through its input/output slots.
+    sub_links = []
+
+    def add_link(origin: int, origin_slot: int, target: int, target_slot: int, target_name: str | None) -> int:
+        link_id = len(sub_links) + 1
+        sub_links.append({"id": link_id, "origin_id": origin, "origin_slot": origin_slot, "target_id": target,
+                          "target_slot": target_slot, "type": "*"})
+        if target_name is not None:
+            sub_nodes[[x["id"] for x in sub_nodes].index(target)]["inputs"].append({"name": target_name, "link": link_id})
+        return link_id
+
+    for link in internal:
+        target_index, target_slot = link[2], link[3]
+        saved = [i for i in inner[target_index].get("inputs") or [] if isinstance(i, dict)]
+        target_name = saved[target_slot].get("name") if target_slot < len(saved) else None
+        add_link(new_ids[link[0]], link[1], new_ids[target_index], target_slot, target_name)
+    sub_inputs = []
+    for k, (group_name, index, input_name) in enumerate(sockets):
+        link_id = add_link(int(SUBGRAPH_INPUT_ID), k, new_ids[index], 0, input_name)
+        sub_inputs.append({"name": group_name, "linkIds": [link_id]})
+    sub_outputs = []
+    for j, (index, output_id) in enumerate(outputs):
+        link_id = add_link(new_ids[index], output_id, int(SUBGRAPH_OUTPUT_ID), j, None)
+        sub_outputs.append({"name": f"output {j}", "linkIds": [link_id]})
+    saved_links = {i.get("name"): i.get("link") for i in node.get("inputs") or [] if isinstance(i, dict)}
+    sub_id = f"groupnode:{name}:{instance_id}"
+    sub = {"id": sub_id, "name": name, "nodes": sub_nodes, "links": sub_links, "inputs": sub_inputs,
+           "outputs": sub_outputs}
+    instance = {"id": instance_id, "type": sub_id, "mode": MODE_ALWAYS, "title": node.get("title") or name,
+                "inputs": [{"name": g, "link": saved_links.get(g)} for g, _i, _n in sockets],
+                "outputs": [], "properties": {}, "widgets_values": []}
+    return sub, instance, last
