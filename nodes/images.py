@@ -6,8 +6,9 @@ import hashlib
 import json
 import logging
 import os
-import re
-import tempfile
+import secrets
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from ..paths import inside
 from ..sdxl_core.vae import decode_tiled, encode_tiled
 from .environment import NodeInputError, current
 from .schema import Combo, NodeSchema, Output, Socket, String, node
@@ -121,13 +123,31 @@ class LoadImage:
 
     def run(self, image):
         path = current().input_image_path(image)
-        try:
+        return (load_image(path, current().limits.image_pixels),)
+
+
+def load_image(path: Path, max_pixels: int) -> torch.Tensor:
+    """[1, H, W, 3] float32 in 0..1 from an image file; its size is checked from the header before decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
             with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise NodeInputError(
+                        f"image {path.name} is {w}×{h} = {w * h:,} pixels; the limit image_pixels is {max_pixels:,}. "
+                        "Scale it down before loading, or raise the limit."
+                    )
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 arr = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as e:
-            raise NodeInputError(f"cannot read image {path}: {e}") from e
-        return (torch.from_numpy(arr)[None],)
+    except Image.DecompressionBombError as e:  # so large that PIL refuses it before we see the size
+        raise NodeInputError(f"image {path.name} is too large ({e}); the limit image_pixels is {max_pixels:,}. "
+                             "Scale it down before loading.") from None
+    except NodeInputError:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable or truncated files
+        raise NodeInputError(f"cannot read image {path.name}: {e}") from None
+    return torch.from_numpy(arr)[None]
 
 
 def _png_info(prompt, extra_pnginfo) -> PngInfo:
@@ -139,35 +159,83 @@ def _png_info(prompt, extra_pnginfo) -> PngInfo:
     return info
 
 
+def resolve_prefix_vars(prefix: str, width: int, height: int, now: time.struct_time | None = None) -> str:
+    """ComfyUI's server-side `filename_prefix` variables (folder_paths.get_save_image_path, v0.8):
+    %width% %height% of the first image, and the local %year% %month% %day% %hour% %minute% %second%
+    (two digits but the year). The editor resolves %date:…% and %Node.widget% before queueing."""
+    if "%" not in prefix:
+        return prefix
+    now = now or time.localtime()
+    values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}",
+              "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
+              "second": f"{now.tm_sec:02}"}
+    for name, value in values.items():
+        prefix = prefix.replace(f"%{name}%", str(value))
+    return prefix
+
+
 def _next_counter(folder: Path, stem: str) -> int:
-    pattern = re.compile(re.escape(stem) + r"_(\d{5,})_\.png$")
-    numbers = [int(m.group(1)) for p in folder.glob(f"{stem}_*_.png") if (m := pattern.match(p.name))]
-    return max(numbers, default=0) + 1
+    """1 + the highest N of the `<stem>_N_.png` files in `folder` (one directory scan, no pattern over `stem`)."""
+    head, highest = stem + "_", 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith(head) and name.endswith("_.png"):
+                digits = name[len(head) : -len("_.png")]
+                if len(digits) >= 5 and digits.isascii() and digits.isdigit():
+                    highest = max(highest, int(digits))
+    return highest + 1
+
+
+def _save_target(prefix: str, root: Path, kind: str) -> tuple[Path, Path, str]:
+    """(folder, resolved root, file stem) for a prefix, refused before anything is created or written.
+
+    The prefix must name a file strictly inside the folder: "", ".", "sub/.." name the folder itself,
+    "../x" or a subfolder linked elsewhere leave it (paths.inside resolves both).
+    """
+    target = inside(root, prefix)
+    if target is None:
+        raise NodeInputError(f"filename_prefix {prefix!r} does not name a file inside the {kind} folder {root}: "
+                             "use a name such as 'SDXL' or 'portraits/SDXL', without '..' or a leading '/'")
+    return target.parent, Path(os.path.realpath(root)), target.name
+
+
+def _write_png(image, path: Path, info: PngInfo, compress_level: int) -> None:
+    """Write one PNG atomically: a `.partial-*` file beside it, renamed once complete.
+
+    The partial file is created with mode 0666 minus the umask (0644 usually, as ComfyUI's files);
+    a crash leaves at most a `.partial-*` file, never a half image under a real name.
+    """
+    arr = np.clip(image.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)  # truncates, like ComfyUI
+    tmp = path.parent / f".partial-{secrets.token_hex(8)}.png"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr).save(f, format="PNG", pnginfo=info, compress_level=compress_level)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def save_images(images, prefix: str, root: Path, kind: str, prompt, extra_pnginfo, compress_level: int):
     """Write each image as <prefix>_00001_.png (ComfyUI's naming) with the graph embedded; atomic writes."""
-    root = root.resolve()
-    target = (root / prefix).resolve()
-    if root != target and root not in target.parents:
-        raise NodeInputError(f"filename_prefix '{prefix}' points outside the {kind} folder {root}")
-    folder, stem = target.parent, target.name
+    if not isinstance(prefix, str):
+        raise NodeInputError(f"filename_prefix must be text, got {type(prefix).__name__}")
+    limit = current().limits.filename_prefix_chars
+    if len(prefix) > limit:  # before the variables, which could make a long prefix longer
+        raise NodeInputError(f"filename_prefix is {len(prefix)} characters long; the limit filename_prefix_chars is "
+                             f"{limit}. Use a shorter prefix.")
+    height, width = (int(images.shape[1]), int(images.shape[2])) if images.ndim == 4 else (0, 0)
+    folder, real_root, stem = _save_target(resolve_prefix_vars(prefix, width, height), root, kind)
     folder.mkdir(parents=True, exist_ok=True)
     counter = _next_counter(folder, stem)
     info = _png_info(prompt, extra_pnginfo)
+    subfolder = folder.relative_to(real_root).as_posix()
     results = []
     for image in images:
-        arr = np.clip(image.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)  # truncates, like ComfyUI
         name = f"{stem}_{counter:05}_.png"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".png")
-        os.close(fd)
-        try:
-            Image.fromarray(arr).save(tmp, pnginfo=info, compress_level=compress_level)
-            os.replace(tmp, folder / name)  # never leave a half-written PNG under its real name
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        subfolder = folder.relative_to(root).as_posix()
+        _write_png(image, folder / name, info, compress_level)
         results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder, "type": kind})
         counter += 1
     return results
@@ -193,8 +261,9 @@ SAVE_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 class SaveImage:
     def run(self, images, filename_prefix="SDXL", prompt=None, extra_pnginfo=None):
         saved = save_images(images, filename_prefix, current().output_dir, "output", prompt, extra_pnginfo, 4)
+        level = logging.DEBUG if current().inside_comfyui else logging.INFO  # ComfyUI's console stays quiet
         for item in saved:
-            log.info("saved %s", Path(item["subfolder"]) / item["filename"])
+            log.log(level, "saved %s", Path(item["subfolder"]) / item["filename"])
         return {"ui": {"images": saved}, "result": ()}
 
 

@@ -67,6 +67,11 @@ class PromptTokens:
 def _check_text(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise ConditioningError(f"{name} must be a string (the prompt text), got {type(value).__name__}: {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (an unpaired \\uD800-\\uDFFF escape in the workflow JSON)
+        raise ConditioningError(f"{name} is not valid Unicode: a lone surrogate at character {e.start}; retype "
+                                "that character") from None
     return value
 
 
