@@ -19,29 +19,31 @@ from PIL.PngImagePlugin import PngInfo
 from ..paths import inside
 from ..sdxl_core.vae import decode_tiled, encode_tiled
 from .environment import NodeInputError, current
+from .progress import StepReporter
 from .schema import Combo, NodeSchema, Output, Socket, String, node
 
 log = logging.getLogger(__name__)
+
+PROGRESS_HIDDEN = {"progress": "SDXL_PROGRESS"}  # our runtime's reporter: interrupt checks inside the VAE
 
 # Decode in tiles once a latent is larger than this many latent pixels (about 1536×1536 images) on the
 # CPU, or whenever a whole-image decode runs out of memory.
 TILE_ABOVE_LATENT_PIXELS = 192 * 192
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "can't allocate" in str(e)
-
-
 def _whole_or_tiled(whole, tiled, x, large: bool):
-    """Run the VAE on the whole tensor, or in tiles when it is large or the whole run runs out of memory."""
+    """Run the VAE on the whole tensor, or in tiles when it is large or the whole run runs out of memory.
+
+    Out of memory is recognised by type: torch.OutOfMemoryError (CUDA, and any backend that raises it).
+    A CPU allocation failure is a plain RuntimeError and is not retried; on the CPU large images are
+    tiled from the start (TILE_ABOVE_LATENT_PIXELS).
+    """
     with torch.inference_mode():
         if large:
             return tiled()
         try:
             return whole(x)
-        except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not _is_oom(e):
-                raise
+        except torch.OutOfMemoryError:
             log.warning("VAE ran out of memory on the whole image; retrying in tiles")
             return tiled()
 
@@ -57,13 +59,17 @@ def _whole_or_tiled(whole, tiled, x, large: bool):
         Socket("samples", "LATENT", "The latent to decode."),
     ),
     outputs=(Output("IMAGE", "IMAGE", "The decoded image batch, [B, H, W, 3] in 0..1."),),
+    hidden=PROGRESS_HIDDEN,
 ))
 class VAEDecode:
-    def run(self, vae, samples):
+    def run(self, vae, samples, progress=None):
         model = vae.load()
         z = samples["samples"].to(next(model.parameters()).device)
         large = z.shape[-1] * z.shape[-2] > TILE_ABOVE_LATENT_PIXELS
-        pixels = _whole_or_tiled(model.decode, lambda: decode_tiled(model, z), z, large)
+        steps = StepReporter(progress)
+        with steps.cancellable() as stop:  # polled per tile and between the decoder's levels
+            pixels = _whole_or_tiled(lambda t: model.decode(t, stop), lambda: decode_tiled(model, z, should_stop=stop),
+                                     z, large)
         image = ((pixels.float().cpu() + 1) / 2).clamp(0, 1)  # ComfyUI: clamp((x+1)/2, 0, 1)
         return (image.permute(0, 2, 3, 1).contiguous(),)
 
@@ -79,18 +85,26 @@ class VAEDecode:
         Socket("pixels", "IMAGE", "The image batch to encode."),
     ),
     outputs=(Output("LATENT", "LATENT", "The latent of the image."),),
+    hidden=PROGRESS_HIDDEN,
 ))
 class VAEEncode:
-    def run(self, vae, pixels):
+    def run(self, vae, pixels, progress=None):
         b, h, w, _c = pixels.shape
         if h < 8 or w < 8:
             raise NodeInputError(f"image is {w}×{h}; the VAE needs at least 8×8 pixels")
+        limit = current().limits.image_pixels
+        if w * h * b > limit:
+            raise NodeInputError(f"image batch is {b} × {w}×{h} = {w * h * b:,} pixels; the limit image_pixels is "
+                                 f"{limit:,}. Scale the image down or encode fewer at once.")
         y0, x0 = (h % 8) // 2, (w % 8) // 2
         pixels = pixels[:, y0 : y0 + h // 8 * 8, x0 : x0 + w // 8 * 8, :3]
         model = vae.load()
         x = pixels.permute(0, 3, 1, 2).to(next(model.parameters()).device) * 2 - 1
         large = x.shape[-1] * x.shape[-2] > TILE_ABOVE_LATENT_PIXELS * 64
-        z = _whole_or_tiled(model.encode, lambda: encode_tiled(model, x), x, large)
+        steps = StepReporter(progress)
+        with steps.cancellable() as stop:  # polled per tile and between the encoder's levels
+            z = _whole_or_tiled(lambda t: model.encode(t, stop), lambda: encode_tiled(model, x, should_stop=stop),
+                                x, large)
         return ({"samples": z.float().cpu()},)
 
 
