@@ -66,7 +66,7 @@ def test_tiled_decode_stops_at_the_next_tile(tiny_refiner):
 
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
     per_tile = 1 + len(vae.decoder.up)  # once before each tile, once per decoder level inside it
-    stop = _StopAfter(2 * per_tile + 1)  # "stop" arrives while tile 3 is decoding
+    stop = _StopAfter(2 * per_tile + 2)  # "stop" arrives inside tile 3 (its first decoder level)
     vae.decode = counting_decode
     try:
         with torch.inference_mode(), pytest.raises(Cancelled):
