@@ -129,8 +129,8 @@ class LoadImage:
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):  # noqa: N802
-        try:
-            current().input_image_path(image)
+        try:  # the name, and the size from the file's header (an oversized image is refused before any run)
+            image_size(current().input_image_path(image), current().limits.image_pixels)
         except NodeInputError as e:
             return str(e)
         return True
@@ -140,20 +140,36 @@ class LoadImage:
         return (load_image(path, current().limits.image_pixels),)
 
 
+def _check_pixels(path: Path, im: Image.Image, max_pixels: int) -> tuple[int, int]:
+    w, h = im.size
+    if w * h > max_pixels:
+        raise NodeInputError(f"image {path.name} is {w}×{h} = {w * h:,} pixels; the limit image_pixels is "
+                             f"{max_pixels:,}. Scale it down before loading, or raise the limit.")
+    return w, h
+
+
+def image_size(path: Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding; NodeInputError if unreadable or too large."""
+    return _open_image(path, max_pixels, lambda im: _check_pixels(path, im, max_pixels))
+
+
 def load_image(path: Path, max_pixels: int) -> torch.Tensor:
     """[1, H, W, 3] float32 in 0..1 from an image file; its size is checked from the header before decoding."""
+
+    def decode(im):
+        _check_pixels(path, im, max_pixels)
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32) / 255.0
+
+    return torch.from_numpy(_open_image(path, max_pixels, decode))[None]
+
+
+def _open_image(path: Path, max_pixels: int, use):
+    """`use(im)` on the opened image, with PIL's errors (and its own bomb check) as clear NodeInputErrors."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise NodeInputError(
-                        f"image {path.name} is {w}×{h} = {w * h:,} pixels; the limit image_pixels is {max_pixels:,}. "
-                        "Scale it down before loading, or raise the limit."
-                    )
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                return use(im)
     except Image.DecompressionBombError as e:  # so large that PIL refuses it before we see the size
         raise NodeInputError(f"image {path.name} is too large ({e}); the limit image_pixels is {max_pixels:,}. "
                              "Scale it down before loading.") from None
@@ -161,7 +177,6 @@ def load_image(path: Path, max_pixels: int) -> torch.Tensor:
         raise
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable or truncated files
         raise NodeInputError(f"cannot read image {path.name}: {e}") from None
-    return torch.from_numpy(arr)[None]
 
 
 def _png_info(prompt, extra_pnginfo) -> PngInfo:
