@@ -90,9 +90,13 @@ class StepReporter:
         if self.reporter is not None:
             return bool(self.reporter.interrupted)
         if self.comfy_bar is not None:
-            import comfy.model_management
+            import comfy.model_management as mm
 
-            return bool(comfy.model_management.processing_interrupted())
+            polled = getattr(mm, "processing_interrupted", None)
+            if polled is None:  # a ComfyUI without the poll: its own check raises its interrupt exception
+                mm.throw_exception_if_processing_interrupted()
+                return False
+            return bool(polled())
         return False
 
     @contextmanager
