@@ -227,3 +227,23 @@ def test_run_with_a_prefix_naming_the_output_folder_writes_nothing_beside_it(roo
     code, err = cli_case(root, text, "run")
     assert code == 1 and "does not name a file inside the output folder" in err, err
     assert {p.name for p in (root / "output").iterdir()} == before
+
+
+def test_nan_widget_is_refused_at_validation(root, docs):
+    text = _set(_api(docs), lambda d: d["7"]["inputs"].update(cfg=float("nan")))
+    code, err = cli_case(root, text, "validate")
+    assert code == 2 and "nan is not a finite number" in err, err
+
+
+def test_decompression_bomb_in_the_input_folder_is_a_validation_error(root, docs, tmp_path):
+    # Issue 10 item 5: a 30000² PNG gave traceback frames in the CLI; now one line naming image_pixels.
+    from test_image_files import _png_header_only
+
+    api = _api(docs, "sdxl_img2img.api.json")
+    _png_header_only(root / "input" / "bomb.png", 30_000, 30_000)
+    try:
+        text = _set(api, lambda d: d["1"]["inputs"].update(image="bomb.png"))
+        code, err = cli_case(root, text, "validate")
+    finally:
+        (root / "input" / "bomb.png").unlink()
+    assert code == 2 and "the limit image_pixels is 67,108,864" in err, err
