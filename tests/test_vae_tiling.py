@@ -122,3 +122,19 @@ def test_vae_decode_node_turns_a_stop_into_the_hosts_interrupt(tiny_refiner, mon
     with pytest.raises(Interrupted):
         images.VAEDecode().run(Handle(), {"samples": torch.zeros(1, 4, 160, 160)}, progress=Reporter())
     assert Reporter.polls <= 4
+
+
+def test_tiled_polls_before_every_tile():
+    # Catches a tile loop without its own poll (a decoder that never polls could then not be stopped).
+    from sdxl_nodes.sdxl_core.errors import Cancelled
+
+    calls = []
+
+    def fn(t):
+        calls.append(1)
+        return F.interpolate(t[:, :3], scale_factor=8, mode="nearest")
+
+    stop = _StopAfter(3)
+    with pytest.raises(Cancelled, match="tiled VAE"):
+        tiled(fn, torch.zeros(1, 4, 40, 40), 16, 4, 8, 3, should_stop=stop)
+    assert len(calls) == 2 and stop.polls == 3
