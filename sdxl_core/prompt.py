@@ -253,20 +253,45 @@ def tokenize_prompt(
 ) -> list[TokenChunk]:
     """One stream's prompt → its 77-token chunks with per-token weights (ComfyUI's rule, module doc).
 
-    `pad_token`: 49407 (EOS) for CLIP-L, 0 for bigG. Words are tokenized one at a time, so the work
-    stops early: :class:`PromptTooLong` as soon as more than `max_tokens` tokens are counted (the
-    rest of the text is never tokenized), and :class:`Cancelled` when `should_stop()` (polled every
-    CHECK_EVERY_WORDS words) says so.
+    `pad_token`: 49407 (EOS) for CLIP-L, 0 for bigG. Words are tokenized one at a time (a long one in
+    pieces, `_pieces`), so the work stops early: :class:`PromptTooLong` as soon as more than
+    `max_tokens` tokens are counted (the rest of the text is never tokenized), and :class:`Cancelled`
+    when `should_stop()` (polled every CHECK_EVERY_WORDS pieces) says so.
     """
     words: list[list[tuple[int, float]]] = []
     count = 0
+    polls = 0
     for segment, weight in parse_weights(text):
         for word in split_words(segment):
-            if should_stop is not None and len(words) % CHECK_EVERY_WORDS == 0 and should_stop():
-                raise Cancelled(f"tokenization stopped by the caller after {count} tokens")
-            ids = tokenizer.encode(word)
-            count += len(ids)
-            if max_tokens is not None and count > max_tokens:
-                raise PromptTooLong(f"more than {max_tokens} tokens (stopped counting at {count})")
+            ids: list[int] = []
+            for piece in _pieces(word):
+                if should_stop is not None and polls % CHECK_EVERY_WORDS == 0 and should_stop():
+                    raise Cancelled(f"tokenization stopped by the caller after {count} tokens")
+                polls += 1
+                piece_ids = tokenizer.encode(piece)
+                ids += piece_ids
+                count += len(piece_ids)
+                if max_tokens is not None and count > max_tokens:
+                    raise PromptTooLong(f"more than {max_tokens} tokens (stopped counting at {count})")
             words.append([(t, weight) for t in ids])
     return chunk_words(words, pad_token)
+
+
+PIECE_CHARS = 2048  # a long word is tokenized in pieces of about this size, cut at spaces
+
+
+def _pieces(word: str):
+    """A word in pieces cut just after an ASCII space, tab or newline (CLIP drops whitespace before BPE,
+    so the pieces' tokens, joined, are the word's tokens); a piece has no cut point inside only when
+    PIECE_CHARS characters hold no whitespace."""
+    start = 0
+    while len(word) - start > PIECE_CHARS:
+        cut = max(word.rfind(c, start, start + PIECE_CHARS) for c in " \n\t")
+        if cut < 0:  # no whitespace in the window: cut at the next one, or not at all
+            found = [i for i in (word.find(c, start + PIECE_CHARS) for c in " \n\t") if i >= 0]
+            if not found:
+                break
+            cut = min(found)
+        yield word[start : cut + 1]
+        start = cut + 1
+    yield word[start:]

@@ -261,11 +261,12 @@ def test_chunk_words_is_linear_in_a_huge_word():
 
 class _CountingTokenizer:
     def __init__(self):
-        self.calls = 0
+        self.calls = self.chars = 0
         self.real = load_tokenizer()
 
     def encode(self, text):
         self.calls += 1
+        self.chars += len(text)
         return self.real.encode(text)
 
 
@@ -303,3 +304,21 @@ def test_encode_prompt_refuses_over_prompt_chars_before_tokenizing():
     assert tok.calls == 0
     with pytest.raises(ConditioningError, match="lone surrogate at character 4"):
         tokenize_prompt_pair(tok, "cat \ud800", "b")
+
+
+def test_a_long_word_is_tokenized_in_pieces_with_the_same_tokens():
+    # Catches a piece cut that changes tokens (a cut inside a run of letters) or a piece that is the
+    # whole 10 MB word (tokenized whole before the limit could apply: 58 s).
+    from sdxl_nodes.sdxl_core.prompt import PIECE_CHARS
+
+    tok = load_tokenizer()
+    rng = random.Random(5)
+    vocab = ["photo", "of", "a", "cat", "it's", "<|endoftext|>", "Ünïcode", "12,5", "!!", "\n", "  ", "\t", "x" * 3000]
+    text = " ".join(rng.choice(vocab) for _ in range(4000))
+    assert len(text) > 5 * PIECE_CHARS
+    chunks = tokenize_prompt(text, tok, pad_token=49407)  # BOS, EOS and padding are all ≥ 49406
+    assert [t for c in chunks for t in c.ids if t < 49406] == [t for t in tok.encode(text) if t < 49406]
+    counting = _CountingTokenizer()
+    with pytest.raises(PromptTooLong):
+        tokenize_prompt("cat " * 2_500_000, counting, pad_token=0, max_tokens=3750)  # one 10 MB word
+    assert counting.chars <= 3750 * 4 + 2 * PIECE_CHARS  # "cat " is one token per 4 characters
