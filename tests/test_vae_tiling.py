@@ -53,7 +53,7 @@ class _StopAfter:
 
 def test_tiled_decode_stops_at_the_next_tile(tiny_refiner):
     # Catches a tiled decode that never polls (the interrupt took 32 s inside a 2048² decode): a
-    # 64×64 latent in 16-pixel tiles is 25 tiles; a stop requested during tile 3 must end it there.
+    # 24×24 latent in 8-pixel tiles is 16 tiles; a stop requested during tile 3 must end it there.
     from sdxl_nodes.sdxl_core.errors import Cancelled
 
     vae = tiny_refiner.vae
@@ -64,13 +64,13 @@ def test_tiled_decode_stops_at_the_next_tile(tiny_refiner):
         calls.append(t.shape)
         return real_decode(t, should_stop)
 
-    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(3))
     per_tile = 1 + len(vae.decoder.up)  # once before each tile, once per decoder level inside it
     stop = _StopAfter(2 * per_tile + 2)  # "stop" arrives inside tile 3 (its first decoder level)
     vae.decode = counting_decode
     try:
         with torch.inference_mode(), pytest.raises(Cancelled):
-            decode_tiled(vae, z, tile=16, overlap=4, should_stop=stop)
+            decode_tiled(vae, z, tile=8, overlap=2, should_stop=stop)  # 16 tiles
     finally:
         del vae.decode
     assert len(calls) == 3
@@ -85,14 +85,14 @@ def test_whole_decode_and_encode_poll_between_levels(tiny_refiner):
     with torch.inference_mode():
         stop = _StopAfter(2)
         with pytest.raises(Cancelled, match="VAE decode"):
-            vae.decode(torch.zeros(1, 4, 8, 8), should_stop=stop)
+            vae.decode(torch.zeros(1, 4, 4, 4), should_stop=stop)
         assert stop.polls == 2
         never = _StopAfter(10**9)
-        vae.decode(torch.zeros(1, 4, 8, 8), should_stop=never)
+        vae.decode(torch.zeros(1, 4, 4, 4), should_stop=never)
         assert never.polls == levels
         stop = _StopAfter(1)
         with pytest.raises(Cancelled, match="VAE encode"):
-            vae.encode(torch.zeros(1, 3, 64, 64), should_stop=stop)
+            vae.encode(torch.zeros(1, 3, 32, 32), should_stop=stop)
 
 
 def test_vae_decode_node_turns_a_stop_into_the_hosts_interrupt(tiny_refiner, monkeypatch):
