@@ -3,7 +3,7 @@
 Invariants for every case: no traceback reaches the user (and no exception escapes `main`), the exit
 code is 0, 1 or 2, and nothing is written outside the models/input/output/temp folders. The default
 run is FUZZ_CASES seeded mutations (UI workflows and their API conversions) through `validate` and
-`convert`, and a handful through `run` on tiny checkpoints; `SDXL_FUZZ_CASES=5000` runs more. Every
+`convert`, and a handful through `run` on tiny checkpoints; `SDXL_FUZZ_CASES=5000 SDXL_FUZZ_RUN_CASES=100` run more. Every
 case that once failed is checked in under tests/data/fuzz_seeds/cli/ and replayed here, and each of
 the ten causes an attack run found has its own test with the message the user gets.
 """
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 SEEDS = sorted((Path(__file__).resolve().parent / "data" / "fuzz_seeds" / "cli").glob("*.json"))
 FUZZ_CASES = int(os.environ.get("SDXL_FUZZ_CASES", "150"))  # × 2 commands
-RUN_CASES = 6
+RUN_CASES = int(os.environ.get("SDXL_FUZZ_RUN_CASES", "6"))
 FOLDERS = ("models", "input", "output", "temp")
 
 
