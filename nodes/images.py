@@ -247,16 +247,21 @@ def _write_png(image, path: Path, info: PngInfo, compress_level: int) -> None:
             os.unlink(tmp)
 
 
-def save_images(images, prefix: str, root: Path, kind: str, prompt, extra_pnginfo, compress_level: int):
-    """Write each image as <prefix>_00001_.png (ComfyUI's naming) with the graph embedded; atomic writes."""
+def check_prefix(prefix, root: Path, kind: str, width: int = 1, height: int = 1) -> tuple[Path, Path, str]:
+    """The length limit and the folder rule for a prefix (see `_save_target`); also run at validation."""
     if not isinstance(prefix, str):
         raise NodeInputError(f"filename_prefix must be text, got {type(prefix).__name__}")
     limit = current().limits.filename_prefix_chars
-    if len(prefix) > limit:  # before the variables, which could make a long prefix longer
+    if len(prefix) > limit:  # before the variables (a 10 MB prefix cost 139 s in a regex and a glob)
         raise NodeInputError(f"filename_prefix is {len(prefix)} characters long; the limit filename_prefix_chars is "
                              f"{limit}. Use a shorter prefix.")
+    return _save_target(resolve_prefix_vars(prefix, width, height), root, kind)
+
+
+def save_images(images, prefix: str, root: Path, kind: str, prompt, extra_pnginfo, compress_level: int):
+    """Write each image as <prefix>_00001_.png (ComfyUI's naming) with the graph embedded; atomic writes."""
     height, width = (int(images.shape[1]), int(images.shape[2])) if images.ndim == 4 else (0, 0)
-    folder, real_root, stem = _save_target(resolve_prefix_vars(prefix, width, height), root, kind)
+    folder, real_root, stem = check_prefix(prefix, root, kind, width, height)
     folder.mkdir(parents=True, exist_ok=True)
     counter = _next_counter(folder, stem)
     info = _png_info(prompt, extra_pnginfo)
@@ -288,6 +293,16 @@ SAVE_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
     hidden=SAVE_HIDDEN,
 ))
 class SaveImage:
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):  # noqa: N802 - refused before the run, on the node
+        if filename_prefix is None:  # linked: checked when the node runs
+            return True
+        try:
+            check_prefix(filename_prefix, current().output_dir, "output")
+        except NodeInputError as e:
+            return str(e)
+        return True
+
     def run(self, images, filename_prefix="SDXL", prompt=None, extra_pnginfo=None):
         saved = save_images(images, filename_prefix, current().output_dir, "output", prompt, extra_pnginfo, 4)
         level = logging.DEBUG if current().inside_comfyui else logging.INFO  # ComfyUI's console stays quiet

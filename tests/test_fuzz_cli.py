@@ -207,6 +207,7 @@ def test_clip_false_no_longer_validates_but_fails_at_run(root, docs):
 @pytest.mark.parametrize(("mutation", "message"), [
     (lambda d: d["2"]["inputs"].update(text_g="a" * 200_001), "Text longer than the limit prompt_chars"),
     (lambda d: d["9"]["inputs"].update(filename_prefix="p" * 257), "the limit filename_prefix_chars"),
+    (lambda d: d["9"]["inputs"].update(filename_prefix="sub/.."), "does not name a file inside the output folder"),
     (lambda d: d["6"]["inputs"].update(width=8192, height=8192, batch_size=2), "the limit latent_pixels"),
 ])
 def test_limits_are_refused_at_validation_naming_the_limit(root, docs, mutation, message):
@@ -225,7 +226,7 @@ def test_run_with_a_prefix_naming_the_output_folder_writes_nothing_beside_it(roo
     text = _set(_small(_api(docs)), lambda d: d["9"]["inputs"].update(filename_prefix=prefix))
     before = {p.name for p in (root / "output").iterdir()}
     code, err = cli_case(root, text, "run")
-    assert code == 1 and "does not name a file inside the output folder" in err, err
+    assert code == 2 and "does not name a file inside the output folder" in err, err  # refused at validation
     assert {p.name for p in (root / "output").iterdir()} == before
 
 
