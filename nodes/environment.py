@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..paths import inside
+from ..runtime.limits import DEFAULT_LIMITS, Limits  # a torch-free leaf module, like paths.py
 from ..sdxl_core.memory import ModelManager, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Environment:
     temp_dir: Path
     manager: ModelManager
     inside_comfyui: bool = False
+    limits: Limits = DEFAULT_LIMITS  # image_pixels, filename_prefix_chars… (runtime/limits.py)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_names(self) -> list[str]:
@@ -57,7 +60,7 @@ class Environment:
             if path:
                 return Path(path)
         for d in self.checkpoint_dirs:
-            p = _inside(d, name)
+            p = inside(d, name, resolve_links=False)  # a linked model file is the user's own choice
             if p is not None and p.is_file():
                 return p
         where = ", ".join(str(d) for d in self.checkpoint_dirs) or "(no models folder configured)"
@@ -71,28 +74,16 @@ class Environment:
         root = self.input_dir
         if not root.is_dir():
             return []
-        return sorted(
-            p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+        names = (p.relative_to(root).as_posix() for p in root.rglob("*")
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        return sorted(n for n in names if inside(root, n) is not None)  # not links that leave the folder
 
     def input_image_path(self, name: str) -> Path:
-        root = _lexical(self.input_dir)
-        p = _inside(root, name)
+        """The file `name` in the input folder; symlinks are resolved, so one pointing out of it is refused."""
+        p = inside(self.input_dir, name) if isinstance(name, str) else None
         if p is None or not p.is_file():
-            raise NodeInputError(f"image '{name}' not found in the input folder {root}")
+            raise NodeInputError(f"image '{name}' not found in the input folder {os.path.abspath(self.input_dir)}")
         return p
-
-
-def _lexical(path: Path) -> Path:
-    """Absolute, with '..' removed, symlinks NOT followed (a linked model file is the user's choice)."""
-    return Path(os.path.abspath(path))
-
-
-def _inside(folder: Path, name: str) -> Path | None:
-    """folder/name if that stays inside folder after normalising '..'; None if it escapes."""
-    root = _lexical(folder)
-    p = _lexical(root / name)
-    return p if root in p.parents else None
 
 
 _lock = threading.Lock()
@@ -106,6 +97,7 @@ def configure(
     output_dir: str | Path = "output",
     temp_dir: str | Path | None = None,
     options: RuntimeOptions | None = None,
+    limits: Limits | None = None,
 ) -> Environment:
     """Set the process's environment (the CLI's job). Returns it."""
     global _current
@@ -120,6 +112,7 @@ def configure(
         output_dir=out,
         temp_dir=Path(temp_dir) if temp_dir else out.parent / "temp",
         manager=ModelManager(options or RuntimeOptions()),
+        limits=limits or DEFAULT_LIMITS,
     )
     with _lock:
         _current = env

@@ -6,7 +6,8 @@ import dataclasses
 
 from ..sdxl_core import conditioning as cond
 from ..sdxl_core.text import encode_prompt
-from .environment import NodeInputError
+from .environment import NodeInputError, current
+from .progress import StepReporter
 from .schema import MAX_RESOLUTION, Float, Int, NodeSchema, Output, Socket, String, node
 
 
@@ -33,10 +34,14 @@ def _check_kind(value, expected: str, what: str, fix: str) -> None:
                "checkpoint, which has no CLIP-L.", multiline=True, dynamicPrompts=True),
     ),
     outputs=(Output("text", "SDXL_TEXT", "The encoded prompt: token embeddings and the pooled embedding."),),
+    hidden={"progress": "SDXL_PROGRESS"},
 ))
 class DualCLIPEncode:
-    def run(self, clip, text_g, text_l):
-        emb = encode_prompt(clip.encoders(), text_g, text_l)
+    def run(self, clip, text_g, text_l, progress=None):
+        steps = StepReporter(progress)
+        with steps.cancellable() as should_stop:  # a long prompt is tokenized word by word: cancel reaches it
+            emb = encode_prompt(clip.encoders(), text_g, text_l, should_stop=should_stop,
+                                max_chars=current().limits.prompt_chars)
         return (dataclasses.replace(emb, kind=clip.kind),)
 
 

@@ -136,6 +136,11 @@ class ProgressReporter:
     def interrupted(self) -> bool:
         return self._run.executor._interrupt.is_set()
 
+    @property
+    def preview_method(self) -> str:
+        """The prompt's ``extra_data["preview_method"]`` (the editor's setting): "none" turns previews off."""
+        return str(self._run.extra_data.get("preview_method") or "default")
+
     def check_interrupted(self) -> None:
         if self.interrupted:
             raise Interrupted(f"interrupted while running node {self.node_id}")

@@ -30,7 +30,9 @@ import math
 import traceback
 from typing import Any, Iterable, Mapping
 
+from .limits import DEFAULT_LIMITS, Limits
 from .nodeinfo import iter_input_specs, to_json_value
+from .workflow import _WIDGET_TYPES as WIDGET_TYPES
 
 __all__ = [
     "coerce_literal",
@@ -110,9 +112,10 @@ def _function_args(fn: Any) -> tuple[list[str], bool]:
 
 
 class _Validator:
-    def __init__(self, prompt: Mapping[str, dict], node_classes: Mapping[str, type]):
+    def __init__(self, prompt: Mapping[str, dict], node_classes: Mapping[str, type], limits: Limits):
         self.prompt = prompt
         self.classes = node_classes
+        self.limits = limits
         self.results: dict[str, tuple[bool, list[dict]]] = {}
         self.cycle_errors: dict[str, list[dict]] = {}
 
@@ -211,6 +214,7 @@ class _Validator:
                     upstream_ok = upstream_ok and ok
                     continue
                 self._check_literal(name, value, input_type, options, info, fn_args, fn_kwargs, errors)
+            self._check_latent_budget(node_id, cls, inputs, errors)
             if validate_fn is not None and (fn_args or fn_kwargs):
                 self._custom_validation(node_id, cls, validate_fn, input_types, inputs, fn_args, fn_kwargs,
                                         received_types, errors)
@@ -264,14 +268,26 @@ class _Validator:
         return ok
 
     def _check_literal(self, name, value, input_type, options, info, fn_args, fn_kwargs, errors) -> None:
+        if isinstance(input_type, str) and input_type not in WIDGET_TYPES and input_type != "*":
+            # a socket (SDXL_CLIP, LATENT…) takes a link only: a literal would reach the node as a bogus object
+            errors.append(_error(
+                "invalid_input_type", f"Input must be connected to a {input_type} output",
+                f"{name}: got the value {_shown(str(value))[:60]!r} instead of a link [node_id, output_index]",
+                input_name=name, input_config=info, received_value=_shown(value),
+            ))
+            return
         try:
             value = coerce_literal(input_type, value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{value} is not a finite number")
         except (ValueError, TypeError, OverflowError) as ex:
             errors.append(_error(
                 "invalid_input_type", f"Failed to convert an input value to a {input_type} value",
-                f"{name}, {value}, {ex}", input_name=name, input_config=info, received_value=value,
+                f"{name}, {_shown(str(value))[:60]}, {ex}", input_name=name, input_config=info, received_value=_shown(value),
                 exception_message=str(ex),
             ))
+            return
+        if isinstance(value, str) and self._check_text(name, value, info, errors):
             return
         if name in fn_args or fn_kwargs:
             return  # VALIDATE_INPUTS takes over range and list checks for this input
@@ -296,6 +312,46 @@ class _Validator:
                     "value_not_in_list", "Value not in list", f"{name}: '{value}' not in {list_info}",
                     input_name=name, input_config=None if big else info, received_value=value,
                 ))
+
+    def _check_text(self, name: str, value: str, info, errors) -> bool:
+        """Length limit and valid Unicode for a text literal; True when an error was added."""
+        limit_name = "filename_prefix_chars" if name == "filename_prefix" else "prompt_chars"
+        limit = getattr(self.limits, limit_name)
+        if len(value) > limit:
+            errors.append(_error(
+                "limit_exceeded", f"Text longer than the limit {limit_name} ({limit} characters)",
+                f"{name}: {len(value)} characters", input_name=name, input_config=info,
+                received_value=_shown(value[:60]) + "…", limit=limit_name,
+            ))
+            return True
+        if _has_surrogate(value):
+            lone = next(i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff")
+            errors.append(_error(
+                "invalid_input_type", "Text is not valid Unicode",
+                f"{name}: a lone surrogate U+{ord(value[lone]):04X} at character {lone} (a \\u escape in the JSON "
+                "without its pair); retype that character", input_name=name, input_config=info,
+                received_value=_shown(value[:60]),
+            ))
+            return True
+        return False
+
+    def _check_latent_budget(self, node_id: str, cls, inputs: Mapping, errors: list) -> None:
+        """``latent_pixels``: a node that makes a LATENT from literal width/height(/batch_size) (EmptyLatent
+        and its kin) may not ask for more than width × height × batch_size pixels."""
+        if "LATENT" not in (getattr(cls, "RETURN_TYPES", ()) or ()):
+            return
+        sizes = [inputs.get(k, 1 if k == "batch_size" else None) for k in ("width", "height", "batch_size")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            return  # linked or invalid: reported elsewhere or checked by the node
+        width, height, batch = sizes
+        limit = self.limits.latent_pixels
+        if width * height * batch > limit:
+            errors.append(_error(
+                "limit_exceeded", f"Latent larger than the limit latent_pixels ({limit:,} pixels)",
+                f"width × height × batch_size = {width} × {height} × {batch} = {width * height * batch:,} pixels; "
+                "make the image or the batch smaller", input_name="width", input_config=None,
+                received_value=width, limit="latent_pixels",
+            ))
 
     def _custom_validation(self, node_id, cls, validate_fn, input_types, inputs, fn_args, fn_kwargs,
                            received_types, errors) -> None:
@@ -333,6 +389,21 @@ class _Validator:
                                  input_name=name))
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(value: Any) -> Any:
+    """A received value as the error may echo it: long text cut, lone surrogates escaped (JSON-safe)."""
+    if isinstance(value, str):
+        return value[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def _comparable(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -345,12 +416,16 @@ def validate_prompt(
     prompt: Any,
     node_classes: Mapping[str, type],
     partial_execution_targets: Iterable[str] | None = None,
+    *,
+    limits: Limits | None = None,
 ) -> tuple[bool, dict | None, dict[str, dict], list[str]]:
     """Validate an API prompt; see the module docstring for the returned shapes.
 
     ``partial_execution_targets`` restricts the outputs to those ids (the editor's "run selected
     outputs"). Nothing is executed and no node function is called except ``INPUT_TYPES`` and
-    ``VALIDATE_INPUTS``.
+    ``VALIDATE_INPUTS``. ``limits`` (default :data:`.limits.DEFAULT_LIMITS`) bounds text widgets
+    (``prompt_chars``, ``filename_prefix_chars``) and the latent a width/height/batch_size node makes
+    (``latent_pixels``); a value over one is a ``limit_exceeded`` error that names it.
     """
     # 1. Structure and node types.
     if not isinstance(prompt, Mapping):
@@ -361,9 +436,16 @@ def validate_prompt(
             return False, _error(
                 "invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                 f"Node ID '#{node_id}'"), {}, []
+        if not isinstance(node["class_type"], str):
+            return False, _error(
+                "invalid_prompt", "Node class_type must be a string (a node type such as 'SDXLVAEDecode')",
+                f"Node ID '#{node_id}': got {type(node['class_type']).__name__} {str(node['class_type'])[:60]}"), {}, []
         if not isinstance(node.get("inputs", {}), Mapping):
             return False, _error("invalid_prompt", "Node inputs must be an object",
                                      f"Node ID '#{node_id}'"), {}, []
+        if not isinstance(node.get("_meta", {}), Mapping):
+            return False, _error("invalid_prompt", "Node _meta must be an object such as {\"title\": \"...\"}",
+                                 f"Node ID '#{node_id}': got {type(node['_meta']).__name__}"), {}, []
     missing = [(nid, n["class_type"]) for nid, n in prompt.items() if n["class_type"] not in node_classes]
     if missing:
         node_errors = {}
@@ -398,7 +480,7 @@ def validate_prompt(
         return False, _error("prompt_no_outputs", "Prompt has no outputs", ""), {}, []
 
     # 3. Every node reachable from an output; all errors collected.
-    validator = _Validator(prompt, node_classes)
+    validator = _Validator(prompt, node_classes, limits or DEFAULT_LIMITS)
     validator.find_cycles(outputs)
     good: list[str] = []
     node_errors: dict[str, dict] = {}

@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .limits import DEFAULT_LIMITS, Limits
 from .validate import is_link
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "LoadedWorkflow",
     "VIRTUAL_NODE_TYPES",
     "WorkflowError",
+    "check_json_depth",
     "detect_format",
     "load_workflow",
     "load_workflow_data",
@@ -97,17 +99,49 @@ class LoadedWorkflow:
 # Reading
 
 
-def parse_json(text: str | bytes, *, source: str = "<string>") -> Any:
-    """``json.loads`` with an error that names the source, line and column."""
+def parse_json(text: str | bytes, *, source: str = "<string>", limits: Limits | None = None) -> Any:
+    """``json.loads`` with an error that names the source, line and column, within the ``json_depth`` and
+    ``int_digits`` limits (a 5,000-digit integer or 100,000 nested arrays are refused, not a crash)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise WorkflowError(f"{source}: not UTF-8 text ({e}); expected a JSON or PNG workflow file") from e
+    limits = limits or DEFAULT_LIMITS
+
+    def parse_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > limits.int_digits:
+            raise _TooLarge(f"an integer has {len(digits.lstrip('-'))} digits; the limit int_digits is "
+                            f"{limits.int_digits}")
+        return int(digits)
+
     try:
-        return json.loads(text)
+        data = json.loads(text, parse_int=parse_int)
     except json.JSONDecodeError as e:
         raise WorkflowError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except _TooLarge as e:
+        raise WorkflowError(f"{source}: {e}") from None
+    except RecursionError:
+        raise WorkflowError(f"{source}: JSON nested too deeply; the limit json_depth is {limits.json_depth}") from None
+    check_json_depth(data, limits.json_depth, source=source)
+    return data
+
+
+class _TooLarge(ValueError):
+    """A JSON value over a limit, found while parsing."""
+
+
+def check_json_depth(data: Any, max_depth: int, *, source: str = "<json>") -> None:
+    """Raise WorkflowError when arrays/objects nest deeper than ``max_depth`` (iterative: any depth is safe)."""
+    todo = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise WorkflowError(f"{source}: JSON nested more than {max_depth} levels deep; the limit json_depth "
+                                    f"is {max_depth}")
+            children = value.values() if isinstance(value, dict) else value
+            todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def read_png_text(data: bytes, *, source: str = "<bytes>") -> dict[str, str]:
@@ -332,21 +366,29 @@ class _Graph:
         for node in data.get("nodes") or []:
             if not isinstance(node, dict) or "id" not in node:
                 raise WorkflowError(f"{source}: a node entry{self.where} has no 'id': {str(node)[:80]}")
+            _check_ui_node(node, source)
             self.nodes[str(node["id"])] = node
         self.links: dict[str, tuple[str, int, str, int, Any]] = {}
-        for link in data.get("links") or []:
+        links = data.get("links") or []
+        if not isinstance(links, list):
+            raise WorkflowError(f"{source}: 'links'{self.where} must be a list, got {type(links).__name__}")
+        for link in links:
             if isinstance(link, dict):
                 try:
                     row = (link["id"], link["origin_id"], link["origin_slot"], link["target_id"],
                            link["target_slot"], link.get("type"))
                 except KeyError as e:
-                    raise WorkflowError(f"{source}: link {link}{self.where} has no {e.args[0]!r}") from None
+                    raise WorkflowError(f"{source}: link {str(link)[:80]}{self.where} has no {e.args[0]!r}") from None
             elif isinstance(link, (list, tuple)) and len(link) >= 5:
                 row = tuple(link[:6]) if len(link) >= 6 else (*link[:5], None)
             else:
-                raise WorkflowError(f"{source}: malformed link entry {link!r}{self.where}")
+                raise WorkflowError(f"{source}: malformed link entry {str(link)[:80]}{self.where}")
             lid, oid, oslot, tid, tslot, ltype = row
-            self.links[str(lid)] = (str(oid), int(oslot), str(tid), int(tslot), ltype)
+            what = f"{source}: link {str(link)[:80]}{self.where}"
+            self.links[_ui_id(lid, f"{what}: id")] = (
+                _ui_id(oid, f"{what}: origin id"), _ui_slot(oslot, f"{what}: origin slot"),
+                _ui_id(tid, f"{what}: target id"), _ui_slot(tslot, f"{what}: target slot"), ltype,
+            )
         # A subgraph definition's own input and output slots (what its instances show).
         self.inputs = [s for s in (data.get("inputs") or []) if isinstance(s, dict)] if definition else []
         self.outputs = [s for s in (data.get("outputs") or []) if isinstance(s, dict)] if definition else []
@@ -709,6 +751,51 @@ class _Converter:
             for name in [n for n, v in entry["inputs"].items() if is_link(v) and v[0] not in output]:
                 del entry["inputs"][name]
         return output
+
+
+def _ui_id(value: Any, what: str) -> str:
+    """A node or link id of a UI workflow (an integer, or a string for subgraph ids) as a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise WorkflowError(f"{what} must be an integer id, got {str(value)[:40]} ({type(value).__name__}); "
+                            "the links list may be damaged: re-save the workflow from the editor")
+    return str(value)
+
+
+def _ui_slot(value: Any, what: str) -> int:
+    """A slot index of a UI link row: an integer (a digit string is accepted, as ``int()`` did)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 10:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WorkflowError(f"{what} must be an integer slot index, got {str(value)[:40]} ({type(value).__name__}); "
+                            "the links list may be damaged: re-save the workflow from the editor")
+    return value
+
+
+def _check_ui_node(node: dict, source: str) -> None:
+    """The fields of a UI node that the conversion reads, with the JSON types the editor writes."""
+    _ui_id(node["id"], f"{source}: node id")
+    where = f"{source}: node {node['id']}"
+    expected = {"type": (str,), "mode": (int,), "inputs": (list,), "outputs": (list,),
+                "widgets_values": (list, dict), "properties": (dict,), "title": (str,)}
+    for key, types in expected.items():
+        value = node.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            want = " or ".join({"str": "a string", "int": "an integer", "list": "a list", "dict": "an object"}[t.__name__]
+                               for t in types)
+            raise WorkflowError(f"{where}: '{key}' must be {want}, got {type(value).__name__}: {str(value)[:40]}")
+    for kind in ("inputs", "outputs"):
+        for i, entry in enumerate(node.get(kind) or []):
+            if not isinstance(entry, dict):
+                raise WorkflowError(f"{where}: {kind}[{i}] must be an object with 'name' and 'type', "
+                                    f"got {type(entry).__name__}: {str(entry)[:40]}")
+            if not isinstance(entry.get("name", ""), str):
+                raise WorkflowError(f"{where}: {kind}[{i}].name must be a string, got {str(entry.get('name'))[:40]}")
+            if kind == "inputs" and entry.get("link") is not None:
+                _ui_id(entry["link"], f"{where}: inputs[{i}].link")
+            if kind == "inputs" and not isinstance(entry.get("widget") or {}, dict):
+                raise WorkflowError(f"{where}: inputs[{i}].widget must be an object, got {str(entry['widget'])[:40]}")
+            if kind == "outputs" and not isinstance(entry.get("links") or [], list):
+                raise WorkflowError(f"{where}: outputs[{i}].links must be a list, got {str(entry['links'])[:40]}")
 
 
 def _sort_key(node_id: str) -> tuple:

@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .config import BOS_TOKEN, CONTEXT_LENGTH, EOS_TOKEN
+from .errors import Cancelled, ConditioningError
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +210,22 @@ def chunk_words(
 
     A group of ≥ MAX_WORD_LENGTH tokens that does not fit fills the chunk and continues in the next
     one; a shorter group that does not fit closes the chunk (EOS, padding) and starts the next.
+    Linear in the number of tokens: a long group is walked with an offset, never re-sliced.
     """
     room = length - 1  # everything but the EOS
     chunks: list[list[tuple[int, float]]] = []
     cur: list[tuple[int, float]] = [(BOS_TOKEN, 1.0)]
     for group in words:
         splittable = len(group) >= MAX_WORD_LENGTH
-        while group:
-            if len(cur) + len(group) <= room:
-                cur.extend(group)
+        pos = 0  # tokens of this group already placed
+        while pos < len(group):
+            if len(cur) + len(group) - pos <= room:
+                cur.extend(group[pos:])
                 break
-            free = room - len(cur)
             if splittable:
-                cur.extend(group[:free])
-                group = group[free:]
+                free = room - len(cur)
+                cur.extend(group[pos : pos + free])
+                pos += free
             cur.append((EOS_TOKEN, 1.0))
             cur.extend([(pad_token, 1.0)] * (length - len(cur)))
             chunks.append(cur)
@@ -233,14 +236,62 @@ def chunk_words(
     return [TokenChunk(tuple(t for t, _ in c), tuple(w for _, w in c)) for c in chunks]
 
 
-def tokenize_prompt(text: str, tokenizer: Tokenizer, pad_token: int) -> list[TokenChunk]:
+class PromptTooLong(ConditioningError):
+    """A prompt with more tokens than the caller's limit; raised as soon as the count passes it."""
+
+
+CHECK_EVERY_WORDS = 64  # how often tokenization polls `should_stop`
+
+
+def tokenize_prompt(
+    text: str,
+    tokenizer: Tokenizer,
+    pad_token: int,
+    *,
+    max_tokens: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[TokenChunk]:
     """One stream's prompt → its 77-token chunks with per-token weights (ComfyUI's rule, module doc).
 
-    `pad_token`: 49407 (EOS) for CLIP-L, 0 for bigG. Applies no length limit (see text.py).
+    `pad_token`: 49407 (EOS) for CLIP-L, 0 for bigG. Words are tokenized one at a time (a long one in
+    pieces, `_pieces`), so the work stops early: :class:`PromptTooLong` as soon as more than
+    `max_tokens` tokens are counted (the rest of the text is never tokenized), and :class:`Cancelled`
+    when `should_stop()` (polled every CHECK_EVERY_WORDS pieces) says so.
     """
-    words = [
-        [(t, weight) for t in tokenizer.encode(word)]
-        for segment, weight in parse_weights(text)
-        for word in split_words(segment)
-    ]
+    words: list[list[tuple[int, float]]] = []
+    count = 0
+    polls = 0
+    for segment, weight in parse_weights(text):
+        for word in split_words(segment):
+            ids: list[int] = []
+            for piece in _pieces(word):
+                if should_stop is not None and polls % CHECK_EVERY_WORDS == 0 and should_stop():
+                    raise Cancelled(f"tokenization stopped by the caller after {count} tokens")
+                polls += 1
+                piece_ids = tokenizer.encode(piece)
+                ids += piece_ids
+                count += len(piece_ids)
+                if max_tokens is not None and count > max_tokens:
+                    raise PromptTooLong(f"more than {max_tokens} tokens (stopped counting at {count})")
+            words.append([(t, weight) for t in ids])
     return chunk_words(words, pad_token)
+
+
+PIECE_CHARS = 2048  # a long word is tokenized in pieces of about this size, cut at spaces
+
+
+def _pieces(word: str):
+    """A word in pieces cut just after an ASCII space, tab or newline (CLIP drops whitespace before BPE,
+    so the pieces' tokens, joined, are the word's tokens); a piece has no cut point inside only when
+    PIECE_CHARS characters hold no whitespace."""
+    start = 0
+    while len(word) - start > PIECE_CHARS:
+        cut = max(word.rfind(c, start, start + PIECE_CHARS) for c in " \n\t")
+        if cut < 0:  # no whitespace in the window: cut at the next one, or not at all
+            found = [i for i in (word.find(c, start + PIECE_CHARS) for c in " \n\t") if i >= 0]
+            if not found:
+                break
+            cut = min(found)
+        yield word[start : cut + 1]
+        start = cut + 1
+    yield word[start:]

@@ -23,7 +23,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from .config import CLIP_G, CLIP_L, CONTEXT_LENGTH
 from .errors import ConditioningError
-from .prompt import TokenChunk, empty_chunk, parse_weights, tokenize_prompt
+from .prompt import PromptTooLong, TokenChunk, empty_chunk, tokenize_prompt
 from .tokenizer import CLIPBPETokenizer
 from .types import TextEmbedding
 
@@ -64,20 +64,30 @@ class PromptTokens:
         return len(self.g)
 
 
-def _check_text(name: str, value: object) -> str:
+def _check_text(name: str, value: object, max_chars: int | None = None) -> str:
     if not isinstance(value, str):
         raise ConditioningError(f"{name} must be a string (the prompt text), got {type(value).__name__}: {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (an unpaired \\uD800-\\uDFFF escape in the workflow JSON)
+        raise ConditioningError(f"{name} is not valid Unicode: a lone surrogate at character {e.start}; retype "
+                                "that character") from None
+    if max_chars is not None and len(value) > max_chars:
+        raise ConditioningError(f"{name} is {len(value)} characters long; the limit prompt_chars is {max_chars}. "
+                                "Shorten the prompt.")
     return value
 
 
-def _tokenize_stream(name: str, text: str, tokenizer: CLIPBPETokenizer, pad_token: int) -> list[TokenChunk]:
-    chunks = tokenize_prompt(text, tokenizer, pad_token)
+def _tokenize_stream(name: str, text: str, tokenizer: CLIPBPETokenizer, pad_token: int,
+                     should_stop=None) -> list[TokenChunk]:
+    limit = f"the limit is {MAX_CHUNKS} chunks ({MAX_CHUNKS * (CONTEXT_LENGTH - 2)} tokens). Shorten the prompt."
+    try:  # stops counting at the limit: a 10 MB prompt is refused after its first few thousand tokens
+        chunks = tokenize_prompt(text, tokenizer, pad_token, max_tokens=MAX_CHUNKS * (CONTEXT_LENGTH - 2),
+                                 should_stop=should_stop)
+    except PromptTooLong as e:
+        raise ConditioningError(f"{name} is too long: {e}; {limit}") from None
     if len(chunks) > MAX_CHUNKS:
-        n_tokens = sum(len(tokenizer.encode(segment)) for segment, _ in parse_weights(text))
-        raise ConditioningError(
-            f"{name} is too long: about {n_tokens} tokens in {len(chunks)} chunks of 75; the limit is "
-            f"{MAX_CHUNKS} chunks ({MAX_CHUNKS * (CONTEXT_LENGTH - 2)} tokens). Shorten the prompt."
-        )
+        raise ConditioningError(f"{name} is too long: {len(chunks)} chunks of 75 tokens; {limit}")
     for c in chunks:
         bad = [w for w in c.weights if not math.isfinite(w)]
         if bad:
@@ -89,23 +99,25 @@ def _tokenize_stream(name: str, text: str, tokenizer: CLIPBPETokenizer, pad_toke
 
 
 def tokenize_prompt_pair(
-    tokenizer: CLIPBPETokenizer, text_g: str, text_l: str | None = None, *, refiner: bool = False
+    tokenizer: CLIPBPETokenizer, text_g: str, text_l: str | None = None, *, refiner: bool = False,
+    should_stop=None, max_chars: int | None = None,
 ) -> PromptTokens:
     """Tokenize a prompt pair into equal numbers of 77-token chunks (ComfyUI's CLIPTextEncodeSDXL).
 
     `text_l=None` uses `text_g` for both (ComfyUI's plain CLIPTextEncode). With `refiner=True` only
     the bigG stream exists and `text_l` is ignored. Raises ConditioningError for a non-string text,
-    a stream over MAX_CHUNKS chunks, or a weight that is not finite (`(x:inf)`, `(x:nan)`).
+    a stream over MAX_CHUNKS chunks (or over `max_chars` characters), or a weight that is not finite
+    (`(x:inf)`, `(x:nan)`); `should_stop()` is polled while tokenizing (:class:`Cancelled`).
     """
-    _check_text("text_g", text_g)
+    _check_text("text_g", text_g, max_chars)
     if text_l is not None:
-        _check_text("text_l", text_l)
-    g = _tokenize_stream("text_g", text_g, tokenizer, PAD_G)
+        _check_text("text_l", text_l, max_chars)
+    g = _tokenize_stream("text_g", text_g, tokenizer, PAD_G, should_stop)
     if refiner:
         if text_l is not None and text_l != text_g:
             log.debug("refiner text encoder has no CLIP-L: text_l ignored")
         return PromptTokens(tuple(g), None)
-    l = _tokenize_stream("text_l", text_g if text_l is None else text_l, tokenizer, PAD_L)
+    l = _tokenize_stream("text_l", text_g if text_l is None else text_l, tokenizer, PAD_L, should_stop)
     k = max(len(g), len(l))
     g += [empty_chunk(PAD_G)] * (k - len(g))
     l += [empty_chunk(PAD_L)] * (k - len(l))
@@ -153,7 +165,8 @@ def encode_tokens(encoders: TextEncoders, tokens: PromptTokens) -> TextEmbedding
     return TextEmbedding(crossattn=crossattn, pooled=pooled.to(crossattn.device))
 
 
-def encode_prompt(encoders: TextEncoders, text_g: str, text_l: str | None = None) -> TextEmbedding:
+def encode_prompt(encoders: TextEncoders, text_g: str, text_l: str | None = None, *, should_stop=None,
+                  max_chars: int | None = None) -> TextEmbedding:
     """Encode a prompt pair: ComfyUI's CLIPTextEncodeSDXL (base) or CLIPTextEncodeSDXLRefiner (refiner).
 
     text_g: prompt for OpenCLIP bigG. text_l: prompt for CLIP-L; None means "same as text_g"
@@ -162,5 +175,6 @@ def encode_prompt(encoders: TextEncoders, text_g: str, text_l: str | None = None
     [1, 77·k, 1280] (refiner) and pooled [1, 1280]. Raises ConditioningError (see
     `tokenize_prompt_pair`).
     """
-    tokens = tokenize_prompt_pair(encoders.tokenizer, text_g, text_l, refiner=encoders.is_refiner)
+    tokens = tokenize_prompt_pair(encoders.tokenizer, text_g, text_l, refiner=encoders.is_refiner,
+                                  should_stop=should_stop, max_chars=max_chars)
     return encode_tokens(encoders, tokens)

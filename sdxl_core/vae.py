@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VAEConfig
+from .errors import Cancelled
 from .unet import Upsample  # nearest ×2 + conv3×3, the same module (and key names) as the UNet's
 
 
@@ -102,13 +103,15 @@ class Encoder(nn.Module):
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
 
-    def forward(self, x):
+    def forward(self, x, should_stop=None):
         h = self.conv_in(x)
         for level in self.down:
+            _poll(should_stop, "VAE encode")
             for block in level.block:
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
+        _poll(should_stop, "VAE encode")
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -131,9 +134,10 @@ class Decoder(nn.Module):
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
 
-    def forward(self, z):
+    def forward(self, z, should_stop=None):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
+            _poll(should_stop, "VAE decode")
             for block in level.block:
                 h = block(h)
             if hasattr(level, "upsample"):
@@ -157,12 +161,18 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        moments = self.quant_conv(self.encoder(pixels.to(self.dtype)))
+    def encode(self, pixels: torch.Tensor, should_stop=None) -> torch.Tensor:
+        moments = self.quant_conv(self.encoder(pixels.to(self.dtype), should_stop))
         return moments[:, : self.cfg.embed_dim].float()  # posterior mode = mean; logvar unused
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latent.to(self.dtype))).float()
+    def decode(self, latent: torch.Tensor, should_stop=None) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latent.to(self.dtype)), should_stop).float()
+
+
+def _poll(should_stop, what: str) -> None:
+    """Interrupt hook: `should_stop()` is polled between resolution levels and between tiles."""
+    if should_stop is not None and should_stop():
+        raise Cancelled(f"{what} stopped by the caller")
 
 
 def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
@@ -177,11 +187,13 @@ def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
     return w
 
 
-def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channels: int) -> torch.Tensor:
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channels: int,
+          should_stop=None) -> torch.Tensor:
     """Apply `fn` (encode or decode) to overlapping tiles of x (B, C, H, W) and blend the results.
 
     Tiles are `tile` input pixels square with `overlap` shared; outputs are scaled by `scale`
     (8 for decode, 1/8 for encode) and feathered linearly across the overlaps, so seams vanish.
+    `should_stop()` is polled before every tile (raises :class:`Cancelled`).
     """
     b, _, h, w = x.shape
     step = max(tile - overlap, 1)
@@ -199,6 +211,7 @@ def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channe
     o = int(overlap * scale)
     for y0 in ys:
         for x0 in xs:
+            _poll(should_stop, "tiled VAE")
             piece = fn(x[:, :, y0 : y0 + tile, x0 : x0 + tile]).float().cpu()
             ph, pw = piece.shape[-2:]
             oy, ox = int(y0 * scale), int(x0 * scale)
@@ -210,11 +223,13 @@ def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channe
     return out / weight
 
 
-def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor, tile: int = 64, overlap: int = 16,
+                 should_stop=None) -> torch.Tensor:
     """Decode a raw latent in tiles of `tile` latent pixels (peak memory independent of image size)."""
-    return tiled(vae.decode, latent, tile, overlap, 8, 3)
+    return tiled(lambda t: vae.decode(t, should_stop), latent, tile, overlap, 8, 3, should_stop)
 
 
-def encode_tiled(vae: AutoencoderKL, pixels: torch.Tensor, tile: int = 512, overlap: int = 64) -> torch.Tensor:
+def encode_tiled(vae: AutoencoderKL, pixels: torch.Tensor, tile: int = 512, overlap: int = 64,
+                 should_stop=None) -> torch.Tensor:
     """Encode pixels in [-1, 1] in tiles of `tile` pixels (multiples of 8)."""
-    return tiled(vae.encode, pixels, tile, overlap, 1 / 8, vae.cfg.embed_dim)
+    return tiled(lambda t: vae.encode(t, should_stop), pixels, tile, overlap, 1 / 8, vae.cfg.embed_dim, should_stop)

@@ -83,6 +83,15 @@ HOST = textwrap.dedent(r'''
     mm.get_torch_device = lambda: torch.device("cpu")
     comfy.utils, comfy.model_management = utils, mm
     sys.modules.update({"comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm})
+    import enum
+    cli_args = types.ModuleType("comfy.cli_args")  # ComfyUI started with --preview-method auto
+    class LatentPreviewMethod(enum.Enum):
+        NoPreviews = "none"
+        Auto = "auto"
+    cli_args.LatentPreviewMethod = LatentPreviewMethod
+    cli_args.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.Auto)
+    comfy.cli_args = cli_args
+    sys.modules["comfy.cli_args"] = cli_args
 
     # -- ComfyUI nodes.load_custom_node ---------------------------------------------------------
     def load_custom_node(module_path, module_name):

@@ -12,7 +12,10 @@ import random
 
 import pytest
 
+from sdxl_nodes.sdxl_core.errors import Cancelled
 from sdxl_nodes.sdxl_core.prompt import (
+    CHECK_EVERY_WORDS,
+    PromptTooLong,
     TokenChunk,
     chunk_words,
     empty_chunk,
@@ -224,3 +227,98 @@ def test_chunk_words_groups():
     assert c2.ids == (BOS, 2, 2) + (3,) * 9 + (EOS,) + (0,) * 64
     assert chunk_words([], pad_token=0) == [empty_chunk(0)]
     assert chunk_words([[(5, 1.0)] * 76], pad_token=0)[0].ids == (BOS,) + (5,) * 75 + (EOS,)
+
+
+# --- limits and interrupt (issue 10, items 3 and 8) ----------------------------------------------
+
+
+class _CountingList(list):
+    """A token group that counts the elements copied by slicing it (slices stay counting lists)."""
+
+    copied = 0
+
+    def __getitem__(self, index):
+        out = list.__getitem__(self, index)
+        if isinstance(index, slice):
+            _CountingList.copied += len(out)
+            return _CountingList(out)
+        return out
+
+
+def test_chunk_words_is_linear_in_a_huge_word():
+    # Catches `group = group[free:]` re-slicing the rest of a long word at every chunk: quadratic, which
+    # kept a worker 17 minutes on a 10 MB prompt. 400 chunks' worth of tokens copy about 30,000
+    # elements at most in the linear walk; the re-slicing version copies about 6 million.
+    n = 75 * 400
+    group = _CountingList((i % 1000 + 1, 1.0) for i in range(n))
+    _CountingList.copied = 0
+    chunks = chunk_words([group], pad_token=0)
+    assert _CountingList.copied <= 2 * n
+    assert len(chunks) == 400
+    flat = [t for c in chunks for t in c.ids[1:76]]
+    assert flat == [i % 1000 + 1 for i in range(n)]  # every token once, in order, 75 per chunk
+
+
+class _CountingTokenizer:
+    def __init__(self):
+        self.calls = self.chars = 0
+        self.real = load_tokenizer()
+
+    def encode(self, text):
+        self.calls += 1
+        self.chars += len(text)
+        return self.real.encode(text)
+
+
+def test_token_limit_stops_tokenizing_early():
+    # Catches the limit being applied after the whole text is tokenized: 100,000 one-word groups are
+    # 100,000 encode calls; the limit of 3,750 tokens must stop after about 3,751 of them.
+    tok = _CountingTokenizer()
+    with pytest.raises(PromptTooLong, match="more than 3750 tokens"):
+        tokenize_prompt("(cat)" * 100_000, tok, pad_token=0, max_tokens=3750)
+    assert tok.calls <= 3751
+
+
+def test_tokenization_polls_the_interrupt():
+    # Catches should_stop never being polled inside tokenization (interrupt only between nodes).
+    tok = _CountingTokenizer()
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(Cancelled):
+        tokenize_prompt("(cat)" * 10_000, tok, pad_token=0, should_stop=should_stop)
+    assert len(polls) == 3
+    assert tok.calls <= 2 * CHECK_EVERY_WORDS + 1  # polled before words 1, 65 and 129
+
+
+def test_encode_prompt_refuses_over_prompt_chars_before_tokenizing():
+    from sdxl_nodes.sdxl_core.errors import ConditioningError
+    from sdxl_nodes.sdxl_core.text import tokenize_prompt_pair
+
+    tok = _CountingTokenizer()
+    with pytest.raises(ConditioningError, match="prompt_chars is 1000"):
+        tokenize_prompt_pair(tok, "a" * 1001, "b", max_chars=1000)
+    assert tok.calls == 0
+    with pytest.raises(ConditioningError, match="lone surrogate at character 4"):
+        tokenize_prompt_pair(tok, "cat \ud800", "b")
+
+
+def test_a_long_word_is_tokenized_in_pieces_with_the_same_tokens():
+    # Catches a piece cut that changes tokens (a cut inside a run of letters) or a piece that is the
+    # whole 10 MB word (tokenized whole before the limit could apply: 58 s).
+    from sdxl_nodes.sdxl_core.prompt import PIECE_CHARS
+
+    tok = load_tokenizer()
+    rng = random.Random(5)
+    vocab = ["photo", "of", "a", "cat", "it's", "<|endoftext|>", "Ünïcode", "12,5", "!!", "\n", "  ", "\t", "x" * 3000]
+    text = " ".join(rng.choice(vocab) for _ in range(4000))
+    assert len(text) > 5 * PIECE_CHARS
+    chunks = tokenize_prompt(text, tok, pad_token=49407)  # BOS, EOS and padding are all ≥ 49406
+    assert [t for c in chunks for t in c.ids if t < 49406] == [t for t in tok.encode(text) if t < 49406]
+    counting = _CountingTokenizer()
+    with pytest.raises(PromptTooLong):
+        tokenize_prompt("cat " * 2_500_000, counting, pad_token=0, max_tokens=3750)  # one 10 MB word
+    assert counting.chars <= 3750 * 4 + 2 * PIECE_CHARS  # "cat " is one token per 4 characters

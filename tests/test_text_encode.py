@@ -168,7 +168,7 @@ def test_refiner_still_checks_text_l_type(refiner):
 
 def test_too_many_chunks(encoders):
     text = "a " * (75 * MAX_CHUNKS + 1)  # one token over 50 chunks
-    with pytest.raises(ConditioningError, match=r"text_l is too long: about 3751 tokens in 51 chunks.*limit is 50 chunks \(3750 tokens\)"):
+    with pytest.raises(ConditioningError, match=r"text_l is too long: more than 3750 tokens.*limit is 50 chunks \(3750 tokens\)"):
         encode_prompt(encoders, "x", text)
     tokens = tokenize_prompt_pair(encoders.tokenizer, "a " * (75 * MAX_CHUNKS), "x")  # exactly at the limit
     assert tokens.num_chunks == MAX_CHUNKS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,3 +35,106 @@ def test_decode_tiled_equals_decode_when_one_tile_covers_it(tiny_refiner):
     z = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         assert torch.allclose(decode_tiled(tiny_refiner.vae, z, tile=64), tiny_refiner.vae.decode(z), atol=1e-6)
+
+
+# --- interrupt inside the VAE (issue 10, item 8) --------------------------------------------------
+
+
+class _StopAfter:
+    """A should_stop that says "stop" on its n-th poll; counts polls."""
+
+    def __init__(self, n):
+        self.n, self.polls = n, 0
+
+    def __call__(self):
+        self.polls += 1
+        return self.polls >= self.n
+
+
+def test_tiled_decode_stops_at_the_next_tile(tiny_refiner):
+    # Catches a tiled decode that never polls (the interrupt took 32 s inside a 2048² decode): a
+    # 24×24 latent in 8-pixel tiles is 16 tiles; a stop requested during tile 3 must end it there.
+    from sdxl_nodes.sdxl_core.errors import Cancelled
+
+    vae = tiny_refiner.vae
+    calls = []
+    real_decode = vae.decode
+
+    def counting_decode(t, should_stop=None):
+        calls.append(t.shape)
+        return real_decode(t, should_stop)
+
+    z = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(3))
+    per_tile = 1 + len(vae.decoder.up)  # once before each tile, once per decoder level inside it
+    stop = _StopAfter(2 * per_tile + 2)  # "stop" arrives inside tile 3 (its first decoder level)
+    vae.decode = counting_decode
+    try:
+        with torch.inference_mode(), pytest.raises(Cancelled):
+            decode_tiled(vae, z, tile=8, overlap=2, should_stop=stop)  # 16 tiles
+    finally:
+        del vae.decode
+    assert len(calls) == 3
+
+
+def test_whole_decode_and_encode_poll_between_levels(tiny_refiner):
+    # Catches a whole-image decode/encode that cannot be stopped between its resolution levels.
+    from sdxl_nodes.sdxl_core.errors import Cancelled
+
+    vae = tiny_refiner.vae
+    levels = len(vae.decoder.up)
+    with torch.inference_mode():
+        stop = _StopAfter(2)
+        with pytest.raises(Cancelled, match="VAE decode"):
+            vae.decode(torch.zeros(1, 4, 4, 4), should_stop=stop)
+        assert stop.polls == 2
+        never = _StopAfter(10**9)
+        vae.decode(torch.zeros(1, 4, 4, 4), should_stop=never)
+        assert never.polls == levels
+        stop = _StopAfter(1)
+        with pytest.raises(Cancelled, match="VAE encode"):
+            vae.encode(torch.zeros(1, 3, 32, 32), should_stop=stop)
+
+
+def test_vae_decode_node_turns_a_stop_into_the_hosts_interrupt(tiny_refiner, monkeypatch):
+    # Through the node: our executor's reporter says "interrupted" → the node raises the executor's
+    # Interrupted (the run ends as interrupted, not as an error) after one tile, not after all of them.
+    from sdxl_nodes.nodes import images
+    from sdxl_nodes.runtime.executor import Interrupted
+
+    class Reporter:
+        polls = 0
+        preview_method = "default"
+
+        @property
+        def interrupted(self):
+            Reporter.polls += 1
+            return Reporter.polls > 1
+
+        def check_interrupted(self):
+            if self.interrupted:
+                raise Interrupted("stop")
+
+    class Handle:
+        def load(self):
+            return tiny_refiner.vae
+
+    monkeypatch.setattr(images, "TILE_ABOVE_LATENT_PIXELS", 0)  # tiled from the first latent pixel
+    with pytest.raises(Interrupted):
+        images.VAEDecode().run(Handle(), {"samples": torch.zeros(1, 4, 160, 160)}, progress=Reporter())
+    assert Reporter.polls <= 4
+
+
+def test_tiled_polls_before_every_tile():
+    # Catches a tile loop without its own poll (a decoder that never polls could then not be stopped).
+    from sdxl_nodes.sdxl_core.errors import Cancelled
+
+    calls = []
+
+    def fn(t):
+        calls.append(1)
+        return F.interpolate(t[:, :3], scale_factor=8, mode="nearest")
+
+    stop = _StopAfter(3)
+    with pytest.raises(Cancelled, match="tiled VAE"):
+        tiled(fn, torch.zeros(1, 4, 40, 40), 16, 4, 8, 3, should_stop=stop)
+    assert len(calls) == 2 and stop.polls == 3
