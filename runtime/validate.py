@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 from .limits import DEFAULT_LIMITS, Limits
 from .nodeinfo import iter_input_specs, to_json_value
 from .workflow import _WIDGET_TYPES as WIDGET_TYPES
+from .workflow import is_link
 
 __all__ = [
     "coerce_literal",
@@ -43,11 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def is_link(value: Any) -> bool:
-    """A prompt input ``[source_id, output_index]`` (a literal list would be ``{"__value__": [...]}``)."""
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
 def full_type_name(cls: type) -> str:

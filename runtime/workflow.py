@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .limits import DEFAULT_LIMITS, Limits
-from .validate import is_link
 
 __all__ = [
     "CONTROL_AFTER_GENERATE",
@@ -63,6 +62,11 @@ _WIDGET_TYPES = frozenset({
 _UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
 _SEED_NAMES = ("seed", "noise_seed")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_link(value: Any) -> bool:
+    """A prompt input ``[source_id, output_index]`` (a literal list would be ``{"__value__": [...]}``)."""
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
 class WorkflowError(ValueError):
