@@ -16,7 +16,7 @@ def _clip():
 
 
 def _text(name="text", tooltip="The prompt; (word:1.2) and (word) set emphasis; long prompts are chunked."):
-    return String(name, tooltip, multiline=True, dynamicPrompts=True)
+    return String(name, tooltip, default=None, multiline=True, dynamicPrompts=True)  # ComfyUI declares no default
 
 
 def _size(name, tooltip, default=1024):
