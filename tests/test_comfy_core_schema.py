@@ -80,3 +80,46 @@ def test_core_nodes_are_standalone_only_and_never_shadow_ours():
     both, names = node_pack(standalone=True)
     assert set(both) == set(NODE_CLASS_MAPPINGS) | set(CORE_NODE_CLASS_MAPPINGS)
     assert names["KSamplerAdvanced"] == CORE_NODE_DISPLAY_NAME_MAPPINGS["KSamplerAdvanced"] == "KSampler (Advanced)"
+
+
+def test_int_and_float_options_are_keyword_only():
+    from sdxl_nodes.nodes.schema import Float, Int
+
+    with pytest.raises(TypeError):
+        Int("steps", "tooltip", 20, 1, 10000)  # a row of bare numbers no longer reads as a schema
+    with pytest.raises(TypeError):
+        Float("cfg", "tooltip", 8.0, 0.0, 100.0)
+    assert Int("steps", "t", default=20, min=1, max=10000, step=None).spec() == (
+        "INT", {"tooltip": "t", "default": 20, "min": 1, "max": 10000})
+
+
+def test_node_decorator_checks_run_covers_the_declared_inputs():
+    from sdxl_nodes.nodes.schema import Int, NodeSchema, SchemaError, Socket, node
+
+    def schema(*inputs, hidden=None):
+        return NodeSchema(id="X", display_name="X", category="x", description="x", inputs=inputs,
+                          hidden=hidden or {})
+
+    seed = Int("seed", "t", default=0, min=0, max=1)
+    with pytest.raises(SchemaError, match="does not take declared input"):
+        @node(schema(seed, Socket("model", "MODEL", "t")))
+        class Missing:
+            def run(self, seed):
+                return ()
+    with pytest.raises(SchemaError, match="needs undeclared"):
+        @node(schema(seed))
+        class Extra:
+            def run(self, seed, steps):
+                return ()
+    with pytest.raises(SchemaError, match="needs a default"):
+        @node(schema(seed, hidden={"prompt": "PROMPT"}))
+        class HiddenWithoutDefault:
+            def run(self, seed, prompt):
+                return ()
+
+    @node(schema(seed, Socket("mask", "MASK", "t", optional=True), hidden={"prompt": "PROMPT"}))
+    class Fine:
+        def run(self, seed, mask=None, prompt=None):
+            return ()
+
+    assert Fine.INPUT_TYPES()["optional"] == {"mask": ("MASK", {"tooltip": "t"})}

@@ -17,6 +17,8 @@ from ..schema import MAX_RESOLUTION, Combo, Float, Int, NodeSchema, Output, Sock
 
 IMAGE_OUT = (Output("IMAGE", "IMAGE", "The image batch, [B, H, W, 3] in 0..1."),)
 LATENT_OUT = (Output("LATENT", "LATENT", "The latent."),)
+TILED_NOTE = ("Tiles are blended in one pass with linear ramps (sdxl_core.vae); ComfyUI averages three tilings, so "
+              "seams differ slightly. temporal_size / temporal_overlap (video VAEs) are accepted and unused.")
 
 
 def _vae():
@@ -67,6 +69,8 @@ def _tile_inputs(tile_step):
     outputs=IMAGE_OUT,
 ))
 class VAEDecodeTiled:
+    DIFFERS_FROM_COMFYUI = TILED_NOTE
+
     def run(self, samples, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         if tile_size < overlap * 4:
             overlap = tile_size // 4
@@ -86,6 +90,8 @@ class VAEDecodeTiled:
     outputs=LATENT_OUT,
 ))
 class VAEEncodeTiled:
+    DIFFERS_FROM_COMFYUI = TILED_NOTE
+
     def run(self, pixels, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         b, h, w, _c = pixels.shape
         y0, x0 = (h % 8) // 2, (w % 8) // 2

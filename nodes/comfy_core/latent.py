@@ -201,6 +201,9 @@ def _next_latent_counter(folder: Path, stem: str) -> int:
     hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
 ))
 class SaveLatent:
+    DIFFERS_FROM_COMFYUI = ("Also writes the hand-over record of a stopped-early latent into the file's metadata (ComfyUI "
+                            "ignores it).")
+
     def run(self, samples, filename_prefix="latents/ComfyUI", prompt=None, extra_pnginfo=None):
         root = Path(current().output_dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -256,6 +259,8 @@ def _latent_path(name: str) -> Path:
     outputs=LATENT_OUT,
 ))
 class LoadLatent:
+    DIFFERS_FROM_COMFYUI = "Also reads the hand-over record back, if the file has one."
+
     @classmethod
     def IS_CHANGED(cls, latent):  # noqa: N802 - ComfyUI's name
         return hashlib.sha256(_latent_path(latent).read_bytes()).hexdigest()

@@ -20,6 +20,9 @@ from ..schema import Combo, NodeSchema, Output, node
     ),
 ))
 class CheckpointLoaderSimple:
+    DIFFERS_FROM_COMFYUI = ("SDXL 1.0 base and refiner checkpoints only; other model families are refused with a "
+                            "clear message.")
+
     def run(self, ckpt_name):
         return CheckpointLoader().run(ckpt_name)
 

@@ -10,6 +10,13 @@ from ..sampling import CONTINUE_KEY, HIDDEN, continue_info, run_sampler
 from ..schema import MAX_SEED, Combo, Float, Int, NodeSchema, Output, Socket, node
 
 LATENT_OUT = (Output("LATENT", "LATENT", "The denoised latent."),)
+SAMPLER_NOTE = (
+    "sampler_name offers the 21 samplers sdxl_core implements, in ComfyUI's order; ComfyUI's others (the *_cfg_pp, "
+    "*_gpu, dpm_fast, dpm_adaptive, exp_heun_2_x0*, ipndm_v, deis, gradient_estimation*, er_sde, seeds_*, sa_solver*) "
+    "are rejected by validation. dpmpp_sde / dpmpp_2m_sde / dpmpp_2m_sde_heun / dpmpp_3m_sde draw the same Brownian "
+    "noise law from a seeded generator, not torchsde's numbers; lms agrees to ~1e-6 (see sdxl_core/sampling.py). Conditioning entries that can share a UNet call "
+    "always do (ComfyUI splits such batches when GPU memory is short)."
+)
 
 
 def check_conditioning(model, cond, name: str, node_name: str) -> None:
@@ -63,6 +70,8 @@ def _steps():
     hidden=HIDDEN,
 ))
 class KSampler:
+    DIFFERS_FROM_COMFYUI = SAMPLER_NOTE
+
     def run(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
             progress=None, unique_id=None):
         for name, c in (("positive", positive), ("negative", negative)):
@@ -94,6 +103,8 @@ class KSampler:
     hidden=HIDDEN,
 ))
 class KSamplerAdvanced:
+    DIFFERS_FROM_COMFYUI = SAMPLER_NOTE + " A latent stopped early with leftover noise also carries a hand-over record, so SDXL Noise & Refine can continue it."
+
     def run(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
             latent_image, start_at_step, end_at_step, return_with_leftover_noise, progress=None, unique_id=None):
         for name, c in (("positive", positive), ("negative", negative)):
