@@ -404,3 +404,63 @@ def test_sdxl_sampler_honours_noise_mask_and_continue_survives_save_load(dirs):
 
 def test_latent_scale_constant_is_sdxl():
     assert LATENT_SCALE == pytest.approx(0.13025)
+
+
+def test_bislerp_and_center_crop_by_hand():
+    # catches: bislerp as a plain lerp (middle vector shorter), crop taken from a corner
+    from sdxl_nodes.sdxl_core.resize import resize
+
+    x = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [1, C=2, H=1, W=2]: vectors (1,0) and (0,1)
+    out = resize(x, 3, 1, "bislerp")
+    assert torch.allclose(out[0, :, 0, 1], torch.tensor([0.5**0.5, 0.5**0.5]), atol=1e-6)
+    assert torch.allclose(out[0, :, 0, 0], x[0, :, 0, 0]) and torch.allclose(out[0, :, 0, 2], x[0, :, 0, 1])
+    wide = torch.arange(16.0).reshape(1, 1, 1, 16).expand(1, 1, 8, 16)
+    (up,) = CLASSES["LatentUpscale"]().run({"samples": wide}, "nearest-exact", 64, 64, "center")
+    assert torch.equal(up["samples"][0, 0, 0], torch.arange(4.0, 12.0))  # the centre 8 columns
+
+
+class FakeVAE:
+    """A 'VAE' whose encode keeps every 8th pixel: lets the inpainting encode be checked by hand."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return x[:, :, ::8, ::8]
+
+    def __init__(self):
+        self.net = self.Net()
+
+    def load(self):
+        return self.net
+
+
+def test_vae_encode_for_inpaint_greys_masked_pixels_and_grows_the_mask():
+    # catches: the mask not grown (or grown off-centre), masked pixels not neutralised to grey
+    pixels = torch.rand(1, 32, 32, 3)
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 16, 16] = 1.0
+    (latent,) = CLASSES["VAEEncodeForInpaint"]().run(pixels, FakeVAE(), mask, 6)
+    grown = latent["noise_mask"][0, 0]
+    want = torch.zeros(32, 32)
+    want[14:20, 14:20] = 1  # a 6×6 box, padding 3: rows/cols i with i-3 <= 16 <= i+2
+    assert torch.equal(grown, want)
+    assert torch.equal(latent["samples"][0, :, 2, 2], torch.zeros(3))  # pixel (16,16) → grey 0.5 → 0 in [-1, 1]
+    assert torch.allclose(latent["samples"][0, :, 1, 1], pixels[0, 8, 8] * 2 - 1)
+
+
+def test_clip_set_last_layer_takes_that_layer(dirs):
+    # catches: the layer setting ignored (always penultimate), counted from the wrong end
+    from sdxl_nodes.sdxl_core.text import tokenize_prompt_pair
+
+    (_m, clip, _v) = CLASSES["CheckpointLoaderSimple"]().run(REFINER)  # bigG only: one stream to check
+    (last,) = CLASSES["CLIPSetLastLayer"]().run(clip, -1)
+    enc = clip.encoders()
+    ids = torch.tensor([tokenize_prompt_pair(enc.tokenizer, "a red cube", refiner=True).g[0].ids])
+    with torch.inference_mode():
+        hidden = enc.clip_g(input_ids=ids, output_hidden_states=True).hidden_states
+    for c, want in ((clip, hidden[-2]), (last, hidden[-1])):
+        (cond,) = CLASSES["CLIPTextEncode"]().run("a red cube", c)
+        assert torch.allclose(cond[0][0], want.float(), atol=1e-6)
