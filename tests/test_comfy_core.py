@@ -2,7 +2,7 @@
 
 * The same graph built from our SDXL nodes and from ComfyUI's core node ids gives identical tensors
   (base, base + refiner split with KSamplerAdvanced, img2img), on tiny random checkpoints.
-* ComfyUI's official SDXL example graph (tests/data/sdxl_simple_example.{api,ui}.json: two
+* ComfyUI's official SDXL example graph (tests/data/sdxl_simple_example.{prompt,workflow}.json: two
   CheckpointLoaderSimple, four CLIPTextEncode, KSamplerAdvanced 0–20 of 25 with leftover noise, the
   refiner 20–25, a PrimitiveNode driving both samplers' steps, Notes) runs headless, and its saved PNG
   runs again to the same pixels.
@@ -212,7 +212,7 @@ def cli_args(d) -> list[str]:
 
 
 def test_official_example_runs_headless_and_from_its_png(dirs, tmp_path, capsys):
-    ui = tiny_example(json.loads((DATA / "sdxl_simple_example.ui.json").read_text()))
+    ui = tiny_example(json.loads((DATA / "sdxl_simple_example.workflow.json").read_text()))
     path = tmp_path / "sdxl_simple_example.json"
     path.write_text(json.dumps(ui))
     assert cli.main(["validate", str(path), *cli_args(dirs)]) == 0
@@ -225,7 +225,7 @@ def test_official_example_runs_headless_and_from_its_png(dirs, tmp_path, capsys)
     assert json.loads(embedded["workflow"])["nodes"] and json.loads(embedded["prompt"])["10"]["inputs"]["steps"] == 4
 
     # the API form of the same example gives the same pixels
-    api = json.loads((DATA / "sdxl_simple_example.api.json").read_text())
+    api = json.loads((DATA / "sdxl_simple_example.prompt.json").read_text())
     api["5"]["inputs"].update(width=64, height=64)
     api["10"]["inputs"].update(steps=4, end_at_step=3)
     api["11"]["inputs"].update(steps=4, start_at_step=3)
