@@ -5,6 +5,9 @@ workflows/sdxl_base_refiner.json at --size² with --steps steps through the real
 and prints wall time, peak RSS and the time spent inside vs outside the UNet.
 
     python benchmarks/bench_workflow.py --dir /tmp/sdxl-bench --size 512 --steps 8 --dtype bf16
+    python benchmarks/bench_workflow.py --stock --tiny --dir /tmp/sdxl-bench-tiny --size 256 --steps 25
+        # ComfyUI's official SDXL example graph (core node ids) vs the same graph in our nodes, fresh
+        # processes each; add no --tiny for full-size random weights (run under flock /tmp/sdxl-heavy.lock)
 """
 
 from __future__ import annotations
@@ -24,13 +27,146 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
+# ------------------------------------------------------------------------------------------------
+# --stock: ComfyUI's official SDXL example graph (core node ids) vs the same graph in our SDXL nodes
+
+
+def _stock_prompts(size: int, steps: int) -> dict[str, dict]:
+    """{'official': the official example's API prompt (core ids), 'ours': the same graph in SDXL nodes}."""
+    split = round(steps * 0.8)
+    pos, neg = "evening sunset scenery blue sky nature, glass bottle with a galaxy in it", "text, watermark"
+    base, refiner = "sd_xl_base_1.0.safetensors", "sd_xl_refiner_1.0.safetensors"
+    sampler = {"cfg": 8, "sampler_name": "euler", "scheduler": "normal", "steps": steps}
+    official = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base}},
+        "12": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": refiner}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": pos, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": neg, "clip": ["4", 1]}},
+        "15": {"class_type": "CLIPTextEncode", "inputs": {"text": pos, "clip": ["12", 1]}},
+        "16": {"class_type": "CLIPTextEncode", "inputs": {"text": neg, "clip": ["12", 1]}},
+        "10": {"class_type": "KSamplerAdvanced", "inputs": {
+            **sampler, "add_noise": "enable", "noise_seed": 721897303308196, "start_at_step": 0,
+            "end_at_step": split, "return_with_leftover_noise": "enable", "model": ["4", 0], "positive": ["6", 0],
+            "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "11": {"class_type": "KSamplerAdvanced", "inputs": {
+            **sampler, "add_noise": "disable", "noise_seed": 0, "start_at_step": split, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable", "model": ["12", 0], "positive": ["15", 0],
+            "negative": ["16", 0], "latent_image": ["10", 0]}},
+        "17": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["12", 2]}},
+        "19": {"class_type": "SaveImage", "inputs": {"filename_prefix": "stock", "images": ["17", 0]}},
+    }
+    sizes = {"width": size, "height": size}
+    ours = {
+        "4": {"class_type": "SDXLCheckpointLoader", "inputs": {"ckpt_name": base}},
+        "12": {"class_type": "SDXLCheckpointLoader", "inputs": {"ckpt_name": refiner}},
+        "5": {"class_type": "SDXLEmptyLatent", "inputs": {**sizes, "batch_size": 1}},
+        "6": {"class_type": "SDXLDualCLIPEncode", "inputs": {"clip": ["4", 1], "text_g": pos, "text_l": pos}},
+        "7": {"class_type": "SDXLDualCLIPEncode", "inputs": {"clip": ["4", 1], "text_g": neg, "text_l": neg}},
+        "8": {"class_type": "SDXLSizeCropConditioning", "inputs": {"text": ["6", 0], **sizes, "crop_w": 0,
+              "crop_h": 0, "target_width": size, "target_height": size}},
+        "9": {"class_type": "SDXLSizeCropConditioning", "inputs": {"text": ["7", 0], **sizes, "crop_w": 0,
+              "crop_h": 0, "target_width": size, "target_height": size}},
+        "15": {"class_type": "SDXLDualCLIPEncode", "inputs": {"clip": ["12", 1], "text_g": pos, "text_l": ""}},
+        "16": {"class_type": "SDXLDualCLIPEncode", "inputs": {"clip": ["12", 1], "text_g": neg, "text_l": ""}},
+        "13": {"class_type": "SDXLRefinerConditioning", "inputs": {"text": ["15", 0], "ascore": 6.0, **sizes}},
+        "14": {"class_type": "SDXLRefinerConditioning", "inputs": {"text": ["16", 0], "ascore": 2.5, **sizes}},
+        "10": {"class_type": "SDXLBaseSampler", "inputs": {
+            **sampler, "seed": 721897303308196, "denoise_end": split / steps, "model": ["4", 0],
+            "positive": ["8", 0], "negative": ["9", 0], "latent": ["5", 0]}},
+        "11": {"class_type": "SDXLNoiseAndRefine", "inputs": {
+            "seed": 0, "cfg": 8, "sampler_name": "euler", "mode": "continue", "steps": steps, "scheduler": "normal",
+            "strength": 0.3, "continue_from_step": 0, "model": ["12", 0], "positive": ["13", 0],
+            "negative": ["14", 0], "latent": ["10", 0]}},
+        "17": {"class_type": "SDXLVAEDecode", "inputs": {"vae": ["12", 2], "samples": ["11", 0]}},
+        "19": {"class_type": "SDXLSaveImage", "inputs": {"filename_prefix": "stock", "images": ["17", 0]}},
+    }
+    return {"official": official, "ours": ours}
+
+
+def _stock_child(args) -> None:
+    """One variant in this (fresh) process: prints one JSON line with wall time, peak RSS and the image hash."""
+    import hashlib
+    import json
+
+    from sdxl_nodes.nodes.environment import configure
+    from sdxl_nodes.runtime.cli import node_pack
+    from sdxl_nodes.runtime.executor import Executor
+    from sdxl_nodes.sdxl_core.memory import DTYPES, RuntimeOptions
+
+    dtype = DTYPES[args.dtype]
+    out_dir = args.dir / f"output-{args.stock_child}"
+    configure(models_dir=args.dir / "models", input_dir=args.dir / "input", output_dir=out_dir,
+              options=RuntimeOptions(unet_dtype=dtype, text_dtype=dtype, vae_dtype=dtype))
+    prompt = _stock_prompts(args.size, args.steps)[args.stock_child]
+    classes, _names = node_pack(standalone=True)
+    t0 = time.perf_counter()
+    result = Executor(classes).execute(prompt, str(uuid.uuid4()))
+    wall = time.perf_counter() - t0
+    assert result.success, result.error
+    newest = max(out_dir.glob("stock_*.png"), key=lambda p: p.stat().st_mtime)
+    from PIL import Image
+    with Image.open(newest) as im:
+        digest = hashlib.sha256(im.tobytes()).hexdigest()[:16]
+    print(json.dumps({"wall": wall, "rss": peak_rss_gb(), "pixels": digest}))
+
+
+def stock(args) -> None:
+    """Alternate fresh processes for the two variants; table of median wall time and peak RSS, with the ratio."""
+    import json
+    import statistics
+    import subprocess
+    import sys
+
+    models = args.dir / "models" / "checkpoints"
+    models.mkdir(parents=True, exist_ok=True)
+    from sdxl_nodes.sdxl_core.checkpoint import write_random_checkpoint, write_tiny_checkpoints
+    from sdxl_nodes.sdxl_core.config import BASE, REFINER
+
+    if args.tiny:
+        if not (models / "sd_xl_base_1.0.safetensors").exists():
+            write_tiny_checkpoints(models, seed=0)
+    else:
+        for name, cfg in (("sd_xl_base_1.0.safetensors", BASE), ("sd_xl_refiner_1.0.safetensors", REFINER)):
+            if not (models / name).exists():
+                write_random_checkpoint(models / name, cfg, seed=0, dtype=torch.float16)
+    runs: dict[str, list[dict]] = {"official": [], "ours": []}
+    for i in range(args.repeats):
+        for variant in (("ours", "official") if i % 2 else ("official", "ours")):
+            cmd = [sys.executable, __file__, "--stock-child", variant, "--dir", str(args.dir), "--size",
+                   str(args.size), "--steps", str(args.steps), "--dtype", args.dtype]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            runs[variant].append(json.loads(line))
+    weights = "tiny random" if args.tiny else "full-size random"
+    print(f"{weights} weights, {args.size}², {args.steps} steps (base {round(args.steps * 0.8)} + refiner), "
+          f"{args.dtype}, {torch.get_num_threads()} threads, {args.repeats} fresh processes each, alternating")
+    print("| graph | wall (median) | wall (min–max) | peak RSS (median) | pixels |\n|---|---|---|---|---|")
+    med = {}
+    for variant, label in (("ours", "our SDXL nodes"), ("official", "official example (core ids)")):
+        walls, rss = [r["wall"] for r in runs[variant]], [r["rss"] for r in runs[variant]]
+        med[variant] = (statistics.median(walls), statistics.median(rss))
+        print(f"| {label} | {med[variant][0]:.2f} s | {min(walls):.2f}–{max(walls):.2f} s | "
+              f"{med[variant][1]:.2f} GiB | {runs[variant][0]['pixels']} |")
+    same = {r["pixels"] for r in runs["ours"] + runs["official"]}
+    print(f"| ratio official / ours | {med['official'][0] / med['ours'][0]:.3f}× | | "
+          f"{med['official'][1] / med['ours'][1]:.3f}× | {'identical' if len(same) == 1 else 'DIFFERENT'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdxl-bench"))
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--stock", action="store_true", help="official SDXL example (core ids) vs the same graph in ours")
+    ap.add_argument("--tiny", action="store_true", help="--stock on tiny random checkpoints")
+    ap.add_argument("--repeats", type=int, default=3, help="--stock: fresh processes per graph")
+    ap.add_argument("--stock-child", choices=["official", "ours"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.stock_child:
+        return _stock_child(args)
+    if args.stock:
+        return stock(args)
 
     from sdxl_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from sdxl_nodes.nodes.environment import configure

@@ -1,4 +1,4 @@
-"""NODES.md, generated from the node declarations (`python -m sdxl_nodes.nodes.docs > NODES.md`)."""
+"""NODES.md, generated from the node declarations (`python -m sdxl_nodes.nodes.docs > NODES.md`, or tools/nodes_md.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,36 @@ def render() -> str:
         if s.outputs:
             out += ["", "| output | type | what it is |", "|---|---|---|"]
             out += [f"| `{o.name}` | {o.type} | {o.tooltip} |" for o in s.outputs]
+    out += _core_section()
     return "\n".join(out) + "\n"
+
+
+def _core_section() -> list[str]:
+    """The ComfyUI core-compatible set: ids, ComfyUI's categories, inputs in widget order, differences."""
+    from .comfy_core import NODES as CORE
+
+    out = [
+        "",
+        "# ComfyUI core-compatible nodes",
+        "",
+        "Registered only by `sdxl-nodes run | validate | convert | serve` (never inside ComfyUI, where ComfyUI's own "
+        "nodes stand), so workflows built from ComfyUI's core SDXL nodes run as they are. Ids, input names and order, "
+        "defaults, ranges, output types and categories are ComfyUI v0.8.0's (a test compares them with ComfyUI's "
+        "recorded `/object_info`); MODEL / CLIP / VAE carry the same objects as SDXL_MODEL / SDXL_CLIP / SDXL_VAE and "
+        "both sets sample through the same code, so the same graph gives the same pixels in either set.",
+        "",
+        "| id | ComfyUI name | category | inputs (widget order) | outputs | differs from ComfyUI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cls in CORE:
+        s = cls.SCHEMA
+        inputs = ", ".join(f"`{i.name}`" for i in s.inputs)
+        outs = ", ".join(o.type for o in s.outputs) or "(saves / shows)"
+        note = getattr(cls, "DIFFERS_FROM_COMFYUI", "") or "none"
+        out.append(f"| `{s.id}` | {s.display_name} | {s.category} | {inputs} | {outs} | {note} |")
+    out += ["", "`VAELoader` comes with the LoRA / VAE loader module; ControlNet, IPAdapter and other packs' nodes "
+            "are not available: a workflow using them stops before running with one message naming each such node."]
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ class ClipRef:
     manager: ModelManager
     path: str
     config: object
+    layer: int = -2  # hidden layer the prompt is taken from (ComfyUI CLIPSetLastLayer; SDXL's default -2)
 
     @property
     def kind(self) -> str:

@@ -22,9 +22,11 @@ HIDDEN = {"progress": "SDXL_PROGRESS", "unique_id": "UNIQUE_ID"}
     description="An empty (all-zero) latent batch to start text-to-image from. SDXL works best near 1024×1024 "
                 "pixels (e.g. 1024×1024, 1152×896, 1216×832).",
     inputs=(
-        Int("width", "Image width in pixels; must be a multiple of 8.", 1024, 16, MAX_RESOLUTION, 8),
-        Int("height", "Image height in pixels; must be a multiple of 8.", 1024, 16, MAX_RESOLUTION, 8),
-        Int("batch_size", "How many images to generate at once.", 1, 1, 4096),
+        Int("width", "Image width in pixels; must be a multiple of 8.", default=1024, min=16, max=MAX_RESOLUTION,
+            step=8),
+        Int("height", "Image height in pixels; must be a multiple of 8.", default=1024, min=16, max=MAX_RESOLUTION,
+            step=8),
+        Int("batch_size", "How many images to generate at once.", default=1, min=1, max=4096),
     ),
     outputs=(Output("LATENT", "LATENT", "An all-zero latent of shape [batch, 4, height/8, width/8]."),),
 ))
@@ -47,13 +49,13 @@ def _common_inputs():
         Socket("negative", "SDXL_COND", "What the image should not show (used when cfg > 1)."),
         Socket("latent", "LATENT", "The latent to denoise."),
         Int("seed", "Seed of the starting noise (and of the per-step noise of ancestral/SDE samplers); the "
-            "same seed gives the same image as ComfyUI.", 0, 0, MAX_SEED),
+            "same seed gives the same image as ComfyUI.", default=0, min=0, max=MAX_SEED),
     )
 
 
 def _cfg():
     return Float("cfg", "Classifier-free guidance: how strongly the prompt is followed. 1 disables the "
-                 "negative prompt; 5–9 is typical for SDXL.", 8.0, 0.0, 100.0, 0.1, round=0.01)
+                 "negative prompt; 5–9 is typical for SDXL.", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
 
 
 def _sampler():
@@ -76,16 +78,39 @@ def _check_model_and_conds(model, positive, negative, node_name: str):
             )
 
 
-def _run_sampler(model, positive, negative, latent, progress, **kwargs):
+def run_sampler(model, positive, negative, latent, progress, **kwargs):
+    """Sample a LATENT dict with a model handle: honours its batch_index and noise_mask (both node sets)."""
     unet = model.load()
     device = next(unet.parameters()).device
     samples = latent["samples"]
     steps = StepReporter(progress)
     steps.check()
     out = sample(
-        unet, positive, negative, samples.to(device), batch_index=latent.get("batch_index"), callback=steps, **kwargs
+        unet, positive, negative, samples.to(device), batch_index=latent.get("batch_index"),
+        noise_mask=latent.get("noise_mask"), refiner=model.kind == "refiner", callback=steps, **kwargs
     )
     return out.cpu()
+
+
+def continue_info(steps: int, start_step: int, scheduler: str) -> dict:
+    """What a stopped-early latent carries (LATENT[CONTINUE_KEY]; also saved by SaveLatent)."""
+    return {"steps": int(steps), "start_step": int(start_step), "scheduler": str(scheduler)}
+
+
+def check_continue_info(info, where: str) -> dict:
+    """A CONTINUE_KEY value (possibly read back from a file) → a checked dict, or NodeInputError."""
+    if not isinstance(info, dict):
+        raise NodeInputError(f"{where}: the latent's hand-over record is not a dict: {info!r:.80}")
+    steps, start, scheduler = info.get("steps"), info.get("start_step"), info.get("scheduler")
+    ok = (isinstance(steps, int) and isinstance(start, int) and 0 < start < steps <= 10000
+          and scheduler in SCHEDULERS)
+    if not ok:
+        raise NodeInputError(
+            f"{where}: the latent's hand-over record {info!r:.120} is not usable (needs steps, start_step with "
+            f"0 < start_step < steps, and a scheduler of {', '.join(SCHEDULERS)}). Set continue_from_step to the "
+            "step to continue from instead."
+        )
+    return continue_info(steps, start, scheduler)
 
 
 @node(NodeSchema(
@@ -99,12 +124,12 @@ def _run_sampler(model, positive, negative, latent, progress, **kwargs):
     ),
     inputs=(
         *_common_inputs(),
-        Int("steps", "Steps of the whole schedule (base and refiner together).", 25, 1, 10000),
+        Int("steps", "Steps of the whole schedule (base and refiner together).", default=25, min=1, max=10000),
         _cfg(),
         _sampler(),
         _scheduler(),
         Float("denoise_end", "Fraction of the schedule the base runs before handing over with its noise left "
-              "in (0.8 = steps 0–20 of 25). 1.0 finishes the image here.", 1.0, 0.0, 1.0, 0.01),
+              "in (0.8 = steps 0–20 of 25). 1.0 finishes the image here.", default=1.0, min=0.0, max=1.0, step=0.01),
     ),
     outputs=(Output("LATENT", "LATENT", "The denoised latent, or the partly denoised one when denoise_end < 1."),),
     hidden=HIDDEN,
@@ -123,7 +148,7 @@ class BaseSampler:
             raise NodeInputError(f"denoise_end {denoise_end} of {steps} steps leaves no step for the base; "
                                  "raise denoise_end or steps")
         early = end_step < steps
-        samples = _run_sampler(
+        samples = run_sampler(
             model, positive, negative, latent, progress, seed=seed, steps=steps, cfg=cfg,
             sampler_name=sampler_name, scheduler=scheduler, end_step=end_step if early else None,
             return_with_leftover_noise=early,
@@ -131,7 +156,7 @@ class BaseSampler:
         out = {k: v for k, v in latent.items() if k not in ("samples", CONTINUE_KEY)}
         out["samples"] = samples
         if early:
-            out[CONTINUE_KEY] = {"steps": steps, "start_step": end_step, "scheduler": scheduler}
+            out[CONTINUE_KEY] = continue_info(steps, end_step, scheduler)
         return (out,)
 
 
@@ -151,25 +176,38 @@ class BaseSampler:
         Combo("mode", "continue: finish the base's stopped-early schedule (steps/scheduler/strength come from "
               "the base). renoise: noise a finished latent by 'strength' and denoise it in 'steps' steps.",
               ["continue", "renoise"]),
-        Int("steps", "renoise: denoising steps. Ignored by continue, which uses the base's schedule.", 20, 1, 10000),
+        Int("steps", "renoise: denoising steps. Ignored by continue, which uses the base's schedule.", default=20, min=1,
+            max=10000),
         _scheduler(),
         Float("strength", "renoise: how much noise to add, 0–1 (0.3 keeps the picture, 1.0 redraws it). "
-              "Ignored by continue.", 0.3, 0.0, 1.0, 0.01),
+              "Ignored by continue.", default=0.3, min=0.0, max=1.0, step=0.01),
+        Int("continue_from_step", "continue: the step of the whole schedule to continue from. 0 = the step "
+            "recorded in the latent (by SDXL Base Sampler, KSampler (Advanced) with leftover noise, or a saved "
+            "latent). Above 0: continue a schedule of 'steps' steps of 'scheduler' from this step (e.g. 20 with "
+            "steps 25), for latents that carry no record.", default=0, min=0, max=10000),
     ),
     outputs=(Output("LATENT", "LATENT", "The refined latent."),),
     hidden=HIDDEN,
 ))
 class NoiseAndRefine:
     def run(self, model, positive, negative, latent, seed, cfg, sampler_name, mode, steps, scheduler, strength,
-            progress=None, unique_id=None):
+            continue_from_step=0, progress=None, unique_id=None):
         _check_model_and_conds(model, positive, negative, "SDXL Noise & Refine")
         if mode == "continue":
-            info = latent.get(CONTINUE_KEY)
-            if not info:
-                raise NodeInputError(
-                    "mode 'continue' needs a latent that SDXL Base Sampler stopped early (denoise_end < 1); this "
-                    "latent is finished. Use mode 'renoise' to refine a finished latent or image."
-                )
+            if continue_from_step:
+                if continue_from_step >= steps:
+                    raise NodeInputError(f"continue_from_step {continue_from_step} must be below steps ({steps})")
+                info = continue_info(steps, continue_from_step, scheduler)
+            else:
+                info = latent.get(CONTINUE_KEY)
+                if not info:
+                    raise NodeInputError(
+                        "mode 'continue' needs a latent that was stopped early (SDXL Base Sampler with denoise_end "
+                        "< 1, or KSampler (Advanced) with leftover noise), and this latent carries no record of "
+                        "that. Set continue_from_step (e.g. 20 with steps 25 and the base's scheduler), or use "
+                        "mode 'renoise' to refine a finished latent or image."
+                    )
+                info = check_continue_info(info, "SDXL Noise & Refine")
             kwargs = dict(steps=info["steps"], scheduler=info["scheduler"], start_step=info["start_step"],
                           add_noise=False)
         elif mode == "renoise":
@@ -178,7 +216,7 @@ class NoiseAndRefine:
             kwargs = dict(steps=steps, scheduler=scheduler, denoise=strength)
         else:
             raise NodeInputError(f"mode must be 'continue' or 'renoise', got {mode!r}")
-        samples = _run_sampler(model, positive, negative, latent, progress, seed=seed, cfg=cfg,
+        samples = run_sampler(model, positive, negative, latent, progress, seed=seed, cfg=cfg,
                                sampler_name=sampler_name, **kwargs)
         out = {k: v for k, v in latent.items() if k not in ("samples", CONTINUE_KEY)}
         out["samples"] = samples

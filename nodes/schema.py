@@ -13,6 +13,7 @@ DESCRIPTION and OUTPUT_NODE, which is all ComfyUI, our executor and our /object_
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,11 +53,13 @@ class Input:
         return (self.type, opts)
 
 
-def Int(name, tooltip, default, min, max, step=1, **extra) -> Input:  # noqa: A002 - ComfyUI's option names
+def Int(name, tooltip, *, default, min, max, step=1, **extra) -> Input:  # noqa: A002 - ComfyUI's option names
+    """An INT widget; options are keyword-only so a declaration reads as names. step=None leaves `step` out."""
     return Input(name, "INT", tooltip, default=default, min=min, max=max, step=step, extra=extra)
 
 
-def Float(name, tooltip, default, min, max, step=0.01, **extra) -> Input:  # noqa: A002
+def Float(name, tooltip, *, default, min, max, step=0.01, **extra) -> Input:  # noqa: A002
+    """A FLOAT widget; options keyword-only. step=None leaves `step` out (ComfyUI then uses its own)."""
     return Input(name, "FLOAT", tooltip, default=default, min=min, max=max, step=step, extra=extra)
 
 
@@ -93,10 +96,43 @@ class NodeSchema:
     hidden: dict[str, str] = field(default_factory=dict)
 
 
+class SchemaError(TypeError):
+    """A node declaration that does not match its class (a programming error, raised at import)."""
+
+
+def _check_run_covers_inputs(cls, schema: NodeSchema) -> None:
+    """`run()` must accept every declared input (ComfyUI calls it with keywords) and need nothing undeclared."""
+    run = getattr(cls, "run", None)
+    if run is None:
+        raise SchemaError(f"{schema.id}: class {cls.__name__} has no run() method")
+    params = list(inspect.signature(run).parameters.values())[1:]  # drop self
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    declared = [i.name for i in schema.inputs] + list(schema.hidden)
+    dupes = sorted({n for n in declared if declared.count(n) > 1})
+    if dupes:
+        raise SchemaError(f"{schema.id}: input name(s) declared twice: {', '.join(dupes)}")
+    missing = [n for n in declared if n not in named and not takes_kwargs]
+    if missing:
+        raise SchemaError(f"{schema.id}: {cls.__name__}.run() does not take declared input(s) {', '.join(missing)}")
+    not_required = {i.name for i in schema.inputs if i.optional} | set(schema.hidden)
+    for name in not_required:
+        p = named.get(name)
+        if p is not None and p.default is p.empty:
+            raise SchemaError(f"{schema.id}: optional/hidden input '{name}' needs a default in run()")
+    undeclared = [n for n, p in named.items() if n not in declared and p.default is p.empty]
+    if undeclared:
+        raise SchemaError(f"{schema.id}: {cls.__name__}.run() needs undeclared input(s) {', '.join(undeclared)}")
+
+
 def node(schema: NodeSchema):
-    """Class decorator: generate the V1 attributes from `schema`; the class implements `run`."""
+    """Class decorator: generate the V1 attributes from `schema`; the class implements `run`.
+
+    Raises SchemaError at import when `run()` does not cover the declared inputs (see above).
+    """
 
     def wrap(cls):
+        _check_run_covers_inputs(cls, schema)
         def input_types(_cls):
             required = {i.name: i.spec() for i in schema.inputs if not i.optional}
             optional = {i.name: i.spec() for i in schema.inputs if i.optional}

@@ -40,13 +40,13 @@ class DualCLIPEncode:
     def run(self, clip, text_g, text_l, progress=None):
         steps = StepReporter(progress)
         with steps.cancellable() as should_stop:  # a long prompt is tokenized word by word: cancel reaches it
-            emb = encode_prompt(clip.encoders(), text_g, text_l, should_stop=should_stop,
+            emb = encode_prompt(clip.encoders(), text_g, text_l, layer=clip.layer, should_stop=should_stop,
                                 max_chars=current().limits.prompt_chars)
         return (dataclasses.replace(emb, kind=clip.kind),)
 
 
 def _size(name, tooltip, default=1024):
-    return Int(name, tooltip, default, 0, MAX_RESOLUTION, 8)
+    return Int(name, tooltip, default=default, min=0, max=MAX_RESOLUTION, step=8)
 
 
 @node(NodeSchema(
@@ -62,9 +62,10 @@ def _size(name, tooltip, default=1024):
         Socket("text", "SDXL_TEXT", "An encoded prompt from SDXL Dual CLIP Text Encode (base checkpoint)."),
         _size("width", "Original width the model should imagine the picture had (pixels)."),
         _size("height", "Original height the model should imagine the picture had (pixels)."),
-        Int("crop_w", "Left edge of the crop (pixels). 0 = not cropped; larger values look cut off.", 0, 0,
-            MAX_RESOLUTION, 8),
-        Int("crop_h", "Top edge of the crop (pixels). 0 = not cropped.", 0, 0, MAX_RESOLUTION, 8),
+        Int("crop_w", "Left edge of the crop (pixels). 0 = not cropped; larger values look cut off.", default=0,
+            min=0, max=MAX_RESOLUTION, step=8),
+        Int("crop_h", "Top edge of the crop (pixels). 0 = not cropped.", default=0, min=0, max=MAX_RESOLUTION,
+            step=8),
         _size("target_width", "Target width (pixels); normally the width of the image you generate."),
         _size("target_height", "Target height (pixels); normally the height of the image you generate."),
     ),
@@ -90,7 +91,7 @@ class SizeCropConditioning:
     inputs=(
         Socket("text", "SDXL_TEXT", "An encoded prompt from SDXL Dual CLIP Text Encode (refiner checkpoint)."),
         Float("ascore", "Aesthetic score the refiner aims for: 6.0 for the positive prompt, 2.5 for the "
-              "negative.", 6.0, 0.0, 1000.0, 0.01),
+              "negative.", default=6.0, min=0.0, max=1000.0, step=0.01),
         _size("width", "Image width (pixels)."),
         _size("height", "Image height (pixels)."),
     ),

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .validate import validate_prompt
+from .validate import unsupported_message, validate_prompt
 from .workflow import LoadedWorkflow, WorkflowError, load_workflow
 
 PYTHON_MODULE = "custom_nodes.sdxl-nodes"
@@ -42,11 +42,21 @@ class CLIError(Exception):
 # Loading the pack
 
 
-def node_pack():
-    """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of our pack (imports torch)."""
+def node_pack(standalone: bool = True):
+    """(class mapping, display names) the CLI runs with (imports torch).
+
+    Standalone (every command here) that is our SDXL nodes plus the core-compatible set, ComfyUI's own
+    node ids on sdxl_core, so shared workflows run as they are. ``standalone=False`` gives our pack
+    alone, which is all that is ever registered inside ComfyUI (the root ``__init__.py``).
+    """
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    return NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    if not standalone:
+        return NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from ..nodes.comfy_core import CORE_NODE_CLASS_MAPPINGS, CORE_NODE_DISPLAY_NAME_MAPPINGS
+
+    return ({**NODE_CLASS_MAPPINGS, **CORE_NODE_CLASS_MAPPINGS},
+            {**NODE_DISPLAY_NAME_MAPPINGS, **CORE_NODE_DISPLAY_NAME_MAPPINGS})
 
 
 def object_info_for(classes, names) -> dict:
@@ -166,6 +176,10 @@ def execute(loaded: LoadedWorkflow, args, *, out=None) -> int:
 
     classes, _names = node_pack()
     prompt = loaded.prompt
+    unsupported = unsupported_message(str(getattr(args, "file", "workflow")), prompt, classes)
+    if unsupported:
+        print(f"error: {unsupported}", file=sys.stderr)
+        return EXIT_INVALID
     ok, error, node_errors, outputs = validate_prompt(prompt, classes)
     if not ok:
         print(format_errors(error, node_errors, prompt), file=sys.stderr)
@@ -248,11 +262,17 @@ def cmd_validate(args) -> int:
     configure_environment(args)
     loaded = load(args)
     classes, _ = node_pack()
+    unsupported = unsupported_message(args.file, loaded.prompt, classes)
+    if unsupported:
+        print(f"error: {unsupported}", file=sys.stderr)
+        return EXIT_INVALID
     ok, error, node_errors, outputs = validate_prompt(loaded.prompt, classes)
     if not ok:
         print(format_errors(error, node_errors, loaded.prompt), file=sys.stderr)
         return EXIT_INVALID
-    print(f"{args.file}: valid ({len(loaded.prompt)} nodes, {len(outputs)} output node(s))")
+    core = sum(1 for n in loaded.prompt.values() if getattr(classes[n["class_type"]], "PYTHON_MODULE", None))
+    which = f", all supported: {core} ComfyUI core-compatible, {len(loaded.prompt) - core} sdxl-nodes" if core else ""
+    print(f"{args.file}: valid ({len(loaded.prompt)} nodes, {len(outputs)} output node(s){which})")
     return EXIT_OK
 
 

@@ -118,11 +118,15 @@ def object_info(
 
     ``python_module_for`` is either one module string for every class (e.g.
     ``"custom_nodes.sdxl_nodes"``, which gives the pack badge in the editor) or a function
-    ``(class_type, cls) -> str``.
+    ``(class_type, cls) -> str``. A class attribute ``PYTHON_MODULE`` (a string) overrides both.
     """
     display_names = display_names or {}
     out = {}
     for class_type, cls in node_classes.items():
-        module = python_module_for if isinstance(python_module_for, str) else python_module_for(class_type, cls)
+        # a class may name its own module: the core-compatible nodes report ComfyUI's ("nodes",
+        # "comfy_extras.…"), so the editor shows them as core nodes, not as our pack's
+        module = getattr(cls, "PYTHON_MODULE", None)
+        if not isinstance(module, str):
+            module = python_module_for if isinstance(python_module_for, str) else python_module_for(class_type, cls)
         out[class_type] = node_info(class_type, cls, module, display_name=display_names.get(class_type))
     return out

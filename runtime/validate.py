@@ -512,3 +512,27 @@ def _upstream(prompt: Mapping[str, dict], root: str) -> list[str]:
                 todo.append(value[0])
     return seen
 
+
+
+def unsupported_nodes(prompt: Mapping, node_classes: Mapping[str, type]) -> dict[str, list[str]]:
+    """``{class_type: [node ids]}`` of the prompt's nodes whose type is not in ``node_classes`` (sorted)."""
+    out: dict[str, list[str]] = {}
+    for node_id, node in prompt.items():
+        ctype = node.get("class_type") if isinstance(node, Mapping) else None
+        if ctype not in node_classes:
+            out.setdefault(str(ctype), []).append(str(node_id))
+    return {t: sorted(ids, key=lambda i: (len(i), i)) for t, ids in sorted(out.items())}
+
+
+def unsupported_message(source: str, prompt: Mapping, node_classes: Mapping[str, type]) -> str | None:
+    """One message naming every node (id and type) this runner cannot run, and what it can; None if all can."""
+    missing = unsupported_nodes(prompt, node_classes)
+    if not missing:
+        return None
+    listing = "; ".join(f"{t} (node {', '.join(ids)})" for t, ids in missing.items())
+    supported = [str(i) for i, n in prompt.items() if isinstance(n, Mapping) and n.get("class_type") in node_classes]
+    have = f"the other {len(supported)} node(s) ({', '.join(supported)}) are supported" if supported else \
+        "none of its nodes are supported"
+    return (f"{source}: {sum(map(len, missing.values()))} node(s) use types not available here: {listing}; {have}. "
+            "sdxl-nodes runs its own SDXL nodes and ComfyUI's core SDXL nodes (see NODES.md); nodes from other "
+            "packs (ControlNet, IPAdapter, custom nodes) must be removed or replaced. Nothing was run.")

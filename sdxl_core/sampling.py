@@ -48,6 +48,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .conditioning import CondEntry, resolve_entries
 from .config import LATENT_SCALE
 from .errors import Cancelled, SamplingError
 from .schedules import SCHEDULERS, get_sigmas, sigma_max, sigma_to_timestep
@@ -746,20 +747,46 @@ def _repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t[:batch]
 
 
+def _can_batch(a: CondEntry, b: CondEntry) -> bool:
+    """Whether two entries share one UNet call (ComfyUI ``can_concat_cond`` for SDXL's crossattn + y).
+
+    Contexts of different token lengths are repeated to their least common multiple, but only when
+    that is at most 4 times the shorter one; the vectors must have the same width.
+    """
+    ca, cb = a.crossattn.shape, b.crossattn.shape
+    if ca != cb:
+        if ca[0] != cb[0] or ca[2] != cb[2]:
+            return False
+        if math.lcm(ca[1], cb[1]) // min(ca[1], cb[1]) > 4:
+            return False
+    return a.vector.shape == b.vector.shape
+
+
+def _as_entries(cond: Conditioning | list[CondEntry] | None) -> list[CondEntry]:
+    if cond is None:
+        return []
+    if isinstance(cond, Conditioning):
+        return [CondEntry(cond.crossattn, cond.vector)]
+    return list(cond)
+
+
 class CFGDenoiser:
     """x0 = D(x, sigma) for an eps-prediction UNet ``unet(x_in, timesteps, context, y) -> eps``, with CFG.
 
     * UNet input ``x / sqrt(sigma^2 + 1)``; timestep = nearest table index of log sigma (float);
       ``x0 = x - sigma * eps`` with the exact sigma (ComfyUI ``EPS``, ``_apply_model``; FACTS.md §7).
-    * CFG on x0: ``uncond + (cond - uncond) * cfg``; the uncond pass is skipped when cfg == 1.
-      Otherwise both run in one UNet call, batch [uncond, cond] (ComfyUI's order); contexts of
-      different token lengths are each repeated along the token axis to their least common multiple,
-      which leaves attention unchanged (ComfyUI ``CONDCrossAttn.concat``).
+    * positive / negative are a `Conditioning` or a list of `CondEntry` (ComfyUI's CONDITIONING lists,
+      see ``conditioning.resolve_entries``). Each side's prediction is the strength-weighted average of
+      its entries that are active at this sigma (ComfyUI ``_calc_cond_batch``; 0 when none is).
+    * CFG on x0: ``uncond + (cond - uncond) * cfg``; the uncond side is skipped when cfg == 1.
+      Entries that can share a UNet call do (ComfyUI's grouping and order: for one entry a side,
+      batch [uncond, cond]); contexts of different token lengths are each repeated along the token
+      axis to their least common multiple, which leaves attention unchanged (``CONDCrossAttn``).
     * UNet inputs are cast to ``dtype`` (the UNet's; default its parameters' dtype, else float32),
       timesteps stay float32, eps comes back as float32; the sampling state is float32 throughout.
     """
 
-    def __init__(self, unet, positive: Conditioning, negative: Conditioning | None, cfg: float, dtype=None):
+    def __init__(self, unet, positive, negative, cfg: float, dtype=None):
         if dtype is None:
             params = getattr(unet, "parameters", None)
             first = next(iter(params()), None) if callable(params) else None
@@ -768,32 +795,83 @@ class CFGDenoiser:
         self.use_uncond = not math.isclose(self.cfg, 1.0)
         if self.use_uncond and negative is None:
             raise SamplingError(f"cfg = {cfg} needs a negative conditioning (or set cfg to 1.0)")
-        self.conds = [negative, positive] if self.use_uncond else [positive]
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self.positive = _as_entries(positive)
+        self.negative = _as_entries(negative) if self.use_uncond else []
+        if not self.positive:
+            raise SamplingError("the positive conditioning has no entries")
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _context(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[:2] != (batch, device):
-            tokens = math.lcm(*(c.crossattn.shape[1] for c in self.conds))
+    def _context(self, entries: list[CondEntry], batch: int, device: torch.device):
+        key = (tuple(id(e) for e in entries), batch, device)
+        if key not in self._cache:
+            tokens = math.lcm(*(e.crossattn.shape[1] for e in entries))
             context = torch.cat([
-                _repeat_to_batch(c.crossattn, batch).repeat(1, tokens // c.crossattn.shape[1], 1) for c in self.conds
+                _repeat_to_batch(e.crossattn, batch).repeat(1, tokens // e.crossattn.shape[1], 1) for e in entries
             ])
-            y = torch.cat([_repeat_to_batch(c.vector, batch) for c in self.conds])
-            self._cache = (batch, device, context.to(device, self.dtype), y.to(device, self.dtype))
-        return self._cache[2], self._cache[3]
+            y = torch.cat([_repeat_to_batch(e.vector, batch) for e in entries])
+            self._cache[key] = (context.to(device, self.dtype), y.to(device, self.dtype))
+        return self._cache[key]
+
+    def _predict(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+        """[cond x0, uncond x0]: each side's strength-weighted average over its active entries."""
+        now = float(sigma[0])
+        to_run = [(e, 0) for e in self.positive if e.active(now)] + [(e, 1) for e in self.negative if e.active(now)]
+        out = [torch.zeros_like(x), torch.zeros_like(x)]
+        counts = [torch.ones_like(x) * 1e-37, torch.ones_like(x) * 1e-37]
+        while to_run:
+            first = to_run[0][0]
+            group = [k for k in range(len(to_run)) if _can_batch(to_run[k][0], first)]
+            picked = [to_run.pop(k) for k in reversed(group)]  # ComfyUI's order: last matching entry first
+            n = len(picked)
+            context, y = self._context([e for e, _ in picked], x.shape[0], x.device)
+            x_all, sigma_all = torch.cat([x] * n), torch.cat([sigma] * n)  # (n*B, 4, h, w), (n*B,)
+            s = sigma_all.view(-1, *([1] * (x.ndim - 1)))
+            x_in = (x_all / (s**2 + 1.0) ** 0.5).to(self.dtype)
+            eps = self.unet(x_in, sigma_to_timestep(sigma_all), context, y).float()
+            denoised = x_all - eps * s
+            for chunk, (entry, side) in zip(denoised.chunk(n), picked):
+                out[side] += chunk * entry.strength
+                counts[side] += entry.strength
+        return [out[0] / counts[0], out[1] / counts[1]]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_unused: Any) -> torch.Tensor:
-        batch = x.shape[0]
-        context, y = self._context(batch, x.device)
-        n = len(self.conds)
-        x_all, sigma_all = torch.cat([x] * n), torch.cat([sigma] * n)  # (n*B, 4, h, w), (n*B,)
-        s = sigma_all.view(-1, *([1] * (x.ndim - 1)))
-        x_in = (x_all / (s**2 + 1.0) ** 0.5).to(self.dtype)
-        eps = self.unet(x_in, sigma_to_timestep(sigma_all), context, y).float()
-        denoised = x_all - eps * s
+        cond, uncond = self._predict(x, sigma)
         if not self.use_uncond:
-            return denoised
-        uncond, cond = denoised.chunk(2)
+            return cond
         return uncond + (cond - uncond) * self.cfg
+
+
+def prepare_noise_mask(mask: torch.Tensor, shape: torch.Size | list[int]) -> torch.Tensor:
+    """A LATENT's ``noise_mask`` ([H, W], [B, H, W] or [B, 1, H, W], 1 = denoise) → [B, C, h, w] float32.
+
+    Bilinear resize to the latent's size, repeated over the channels and tiled to the batch
+    (ComfyUI ``reshape_mask``).
+    """
+    if not isinstance(mask, torch.Tensor) or mask.ndim < 2:
+        raise SamplingError(f"noise_mask must be a tensor [H, W] or [B, H, W], got {type(mask).__name__}")
+    m = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    m = torch.nn.functional.interpolate(m, size=tuple(shape[2:]), mode="bilinear")
+    if m.shape[1] < shape[1]:
+        m = m.repeat(1, shape[1], 1, 1)[:, : shape[1]]
+    return _repeat_to_batch(m, shape[0])
+
+
+class InpaintDenoiser:
+    """Keeps the unmasked area on the original latent (ComfyUI ``KSamplerX0Inpaint``).
+
+    Before each prediction the unmasked area of x is replaced by the original latent noised to the
+    current sigma (``latent + noise * sigma``); after it, the unmasked area of x0 is the original.
+    """
+
+    def __init__(self, inner: Denoiser, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor):
+        self.inner, self.mask, self.latent, self.noise = inner, mask, latent, noise
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        keep = 1.0 - self.mask
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        x = x * self.mask + (self.noise * s + self.latent) * keep
+        out = self.inner(x, sigma, **kwargs)
+        return out * self.mask + self.latent * keep
 
 
 # ------------------------------------------------------------------------------------------------
@@ -827,8 +905,8 @@ def _validate(latent, steps, cfg, sampler_name, scheduler, denoise, start_step, 
 
 def sample(
     unet,
-    positive: Conditioning,
-    negative: Conditioning,
+    positive: Conditioning | list,
+    negative: Conditioning | list | None,
     latent: torch.Tensor,
     *,
     seed: int,
@@ -842,6 +920,8 @@ def sample(
     add_noise: bool = True,
     return_with_leftover_noise: bool = False,
     batch_index: list[int] | None = None,
+    noise_mask: torch.Tensor | None = None,
+    refiner: bool = False,
     dtype: torch.dtype | None = None,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -854,6 +934,11 @@ def sample(
     is called once per step (step = 1..total, x = the state the step started from, x0 = the denoised
     prediction, both in model scale); ``should_stop()`` is polled after every step and raises
     :class:`Cancelled`.
+
+    positive / negative: our `Conditioning`, or ComfyUI's CONDITIONING list ([tensor, options] pairs;
+    sizes default from the latent, ``refiner`` picks the refiner's vector and its 6.0 / 2.5 scores,
+    see ``conditioning.resolve_entries``). ``noise_mask`` (a LATENT's, 1 = denoise) keeps the
+    unmasked area on the input latent (ComfyUI's inpainting sampler).
     """
     # 1. Check inputs
     _validate(latent, steps, cfg, sampler_name, scheduler, denoise, start_step, end_step)
@@ -882,6 +967,10 @@ def sample(
     at_max = math.isclose(float(sigma_0), sigma_max(), rel_tol=1e-5) or float(sigma_0) > sigma_max()
     x = noise * (torch.sqrt(1.0 + sigma_0**2.0) if at_max else sigma_0)
     x += latent
+    hw = (latent.shape[2], latent.shape[3])
+    positive = resolve_entries(positive, refiner=refiner, latent_hw=hw, negative=False, where="positive")
+    negative = None if negative is None else resolve_entries(negative, refiner=refiner, latent_hw=hw, negative=True,
+                                                             where="negative")
 
     # 4. Denoise
     total = len(sigmas) - 1
@@ -895,6 +984,9 @@ def sample(
     if should_stop is not None and should_stop():
         raise Cancelled(f"sampling stopped by the caller before step 1 of {total}")
     denoiser = CFGDenoiser(unet, positive, negative, cfg, dtype=dtype)
+    if noise_mask is not None:
+        mask = prepare_noise_mask(noise_mask, latent.shape).to(latent.device)
+        denoiser = InpaintDenoiser(denoiser, mask, latent, noise)
     logger.debug("sampling %s/%s, %d steps, sigma %.4f -> %.4f", sampler_name, scheduler, total, float(sigmas[0]), float(sigmas[-1]))
     samples = SAMPLERS[sampler_name](denoiser, x, sigmas, extra_args={"seed": seed}, callback=k_callback)
     return samples.float() / LATENT_SCALE

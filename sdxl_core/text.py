@@ -125,15 +125,23 @@ def tokenize_prompt_pair(
 
 
 def _encode_stream(
-    model: CLIPTextModel | CLIPTextModelWithProjection, chunks: tuple[TokenChunk, ...], pad_token: int
+    model: CLIPTextModel | CLIPTextModelWithProjection, chunks: tuple[TokenChunk, ...], pad_token: int,
+    layer: int = -2,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """k chunks → (penultimate hidden states [k, 77, D] float32 weighted, pooled of chunk 0 [1, P] | None)."""
+    """k chunks → (hidden states of `layer` [k, 77, D] float32 weighted, pooled of chunk 0 [1, P] | None).
+
+    layer -2 (SDXL's default) is the penultimate block's output, -1 the last block's, both without
+    the final LayerNorm; beyond the encoder's depth, the final (normed) output (ComfyUI CLIPSetLastLayer).
+    """
     device = model.get_input_embeddings().weight.device
     weighted = any(c.has_weights for c in chunks)
     rows = [c.ids for c in chunks] + ([empty_chunk(pad_token).ids] if weighted else [])
     ids = torch.tensor(rows, dtype=torch.long, device=device)  # (k [+1], 77)
     out = model(input_ids=ids, output_hidden_states=True)
-    z = out.hidden_states[-2].float()  # (k [+1], 77, D): output of the second-to-last block, no LN
+    if not -len(out.hidden_states) < layer < 0:
+        z = out.last_hidden_state.float()
+    else:
+        z = out.hidden_states[layer].float()  # (k [+1], 77, D): output of that block, no LN
     pooled = out.text_embeds[:1].float() if isinstance(model, CLIPTextModelWithProjection) else None
     if weighted:
         z, z_empty = z[:-1], z[-1:]
@@ -142,7 +150,7 @@ def _encode_stream(
     return z, pooled
 
 
-def encode_tokens(encoders: TextEncoders, tokens: PromptTokens) -> TextEmbedding:
+def encode_tokens(encoders: TextEncoders, tokens: PromptTokens, layer: int = -2) -> TextEmbedding:
     """Run the encoders on tokenized chunks → TextEmbedding (float32, on the encoders' device).
 
     crossattn [1, 77·k, 768 + 1280] (base) or [1, 77·k, 1280] (refiner); pooled [1, 1280].
@@ -152,9 +160,9 @@ def encode_tokens(encoders: TextEncoders, tokens: PromptTokens) -> TextEmbedding
         raise ConditioningError(f"tokens do not match the encoders: these encoders take {want}; "
                                 f"tokenize with refiner={encoders.is_refiner}")
     with torch.inference_mode():
-        z_g, pooled = _encode_stream(encoders.clip_g, tokens.g, PAD_G)
+        z_g, pooled = _encode_stream(encoders.clip_g, tokens.g, PAD_G, layer)
         if tokens.l is not None:
-            z_l, _ = _encode_stream(encoders.clip_l, tokens.l, PAD_L)
+            z_l, _ = _encode_stream(encoders.clip_l, tokens.l, PAD_L, layer)
             z = torch.cat([z_l, z_g.to(z_l.device)], dim=-1)  # (k, 77, 768 + 1280): CLIP-L first
         else:
             z = z_g
@@ -165,8 +173,8 @@ def encode_tokens(encoders: TextEncoders, tokens: PromptTokens) -> TextEmbedding
     return TextEmbedding(crossattn=crossattn, pooled=pooled.to(crossattn.device))
 
 
-def encode_prompt(encoders: TextEncoders, text_g: str, text_l: str | None = None, *, should_stop=None,
-                  max_chars: int | None = None) -> TextEmbedding:
+def encode_prompt(encoders: TextEncoders, text_g: str, text_l: str | None = None, *, layer: int = -2,
+                  should_stop=None, max_chars: int | None = None) -> TextEmbedding:
     """Encode a prompt pair: ComfyUI's CLIPTextEncodeSDXL (base) or CLIPTextEncodeSDXLRefiner (refiner).
 
     text_g: prompt for OpenCLIP bigG. text_l: prompt for CLIP-L; None means "same as text_g"
@@ -177,4 +185,4 @@ def encode_prompt(encoders: TextEncoders, text_g: str, text_l: str | None = None
     """
     tokens = tokenize_prompt_pair(encoders.tokenizer, text_g, text_l, refiner=encoders.is_refiner,
                                   should_stop=should_stop, max_chars=max_chars)
-    return encode_tokens(encoders, tokens)
+    return encode_tokens(encoders, tokens, layer)

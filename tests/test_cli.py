@@ -135,13 +135,18 @@ def test_missing_workflow_file(capsys, d):
 
 
 OTHER_PACK_UI = {
-    "last_node_id": 3, "last_link_id": 1, "version": 0.4, "links": [[1, 1, 0, 2, 0, "MODEL"]],
+    "last_node_id": 4, "last_link_id": 2, "version": 0.4,
+    "links": [[1, 1, 0, 2, 0, "CONTROL_NET"], [2, 4, 0, 3, 0, "IMAGE"]],
     "nodes": [
-        {"id": 1, "type": "CheckpointLoaderSimple", "mode": 0, "inputs": [],
-         "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]}], "widgets_values": ["v1-5.safetensors"]},
-        {"id": 2, "type": "KSampler", "mode": 0, "inputs": [{"name": "model", "type": "MODEL", "link": 1}],
-         "outputs": [], "widgets_values": [1, "fixed", 20, 8, "euler", "normal", 1]},
-        {"id": 3, "type": "SaveImage", "mode": 0, "inputs": [], "outputs": [], "widgets_values": ["x"]},
+        {"id": 1, "type": "ControlNetLoader", "mode": 0, "inputs": [],
+         "outputs": [{"name": "CONTROL_NET", "type": "CONTROL_NET", "links": [1]}],
+         "widgets_values": ["canny.safetensors"]},
+        {"id": 2, "type": "IPAdapterAdvanced", "mode": 0,
+         "inputs": [{"name": "model", "type": "CONTROL_NET", "link": 1}], "outputs": [], "widgets_values": [1]},
+        {"id": 3, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 2}],
+         "outputs": [], "widgets_values": ["x"]},
+        {"id": 4, "type": "Some Custom Pack Node", "mode": 0, "inputs": [],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}], "widgets_values": []},
     ],
 }
 
@@ -153,22 +158,26 @@ def test_workflow_from_another_node_pack_lists_every_unknown_type(capsys, d):
     assert code == 2 and out == ""
     lines = error_lines(err)
     assert len(lines) == 1, err
-    for type_, node in (("CheckpointLoaderSimple", 1), ("KSampler", 2), ("SaveImage", 3)):
+    for type_, node in (("ControlNetLoader", 1), ("IPAdapterAdvanced", 2), ("Some Custom Pack Node", 4)):
         assert f"{type_} (node {node})" in lines[0]
-    assert "another node pack" in lines[0]
+    assert "SaveImage (node" not in lines[0]  # a ComfyUI core node we have
     assert_nothing_written(d)
 
-    # the same graph as an API prompt: caught by validation, all three named
-    api = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
-           "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0]}},
-           "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0]}}}
+    # the same graph as an API prompt: one message naming each unknown node, and what is supported
+    api = {"1": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}},
+           "2": {"class_type": "IPAdapterAdvanced", "inputs": {"model": ["1", 0]}},
+           "3": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}},
+           "4": {"class_type": "Some Custom Pack Node", "inputs": {}}}
     path.write_text(json.dumps(api))
-    code, out, err = run(capsys, d, "validate", str(path))
-    assert code == 2 and out == ""
-    assert "Nodes not found: CheckpointLoaderSimple, KSampler, SaveImage" in err
-    for node in ("1", "2", "3"):
-        assert f"node {node} (" in err
-    assert_nothing_written(d)
+    for command in ("validate", "run"):
+        code, out, err = run(capsys, d, command, str(path))
+        assert code == 2 and out == ""
+        lines = error_lines(err)
+        assert len(lines) == 1, err
+        for type_, node in (("ControlNetLoader", 1), ("IPAdapterAdvanced", 2), ("Some Custom Pack Node", 4)):
+            assert f"{type_} (node {node})" in lines[0]
+        assert "the other 1 node(s) (3) are supported" in lines[0]
+        assert_nothing_written(d)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -194,6 +194,9 @@ def comfy_run(tmp_path_factory, tiny_checkpoints):
 def test_mappings_and_web_directory(comfy_run):
     r, _, _ = comfy_run
     assert r["node_ids"] == NODE_IDS
+    # inside ComfyUI none of the core-compatible set is registered: ComfyUI's own nodes stand
+    comfy_ids = set((Path(__file__).parent / "data" / "comfyui_node_ids_v0.8.0.txt").read_text().splitlines())
+    assert "KSamplerAdvanced" in comfy_ids and not set(r["node_ids"]) & comfy_ids
     assert r["display_ids"] == NODE_IDS
     assert r["web_directory"] == "./web"
     assert r["nodes_is_comfy"] is True  # ComfyUI's top-level `nodes` module is untouched

@@ -86,7 +86,7 @@ WORKFLOWS = {
                refiner_loader(10, 40, 1000), *REFINER_TEXT_NODES,
                (15, "SDXLNoiseAndRefine", (1280, 900), {"seed": 0, "cfg": 8.0, "sampler_name": "euler",
                                                          "mode": "continue", "steps": 25, "scheduler": "normal",
-                                                         "strength": 0.3}, "Refiner: steps 20–25"),
+                                                         "strength": 0.3, "continue_from_step": 0}, "Refiner: steps 20–25"),
                (8, "SDXLVAEDecode", (1700, 900), {}, None),
                (9, "SDXLSaveImage", (1940, 900), {"filename_prefix": "sdxl_refined"}, None),
                note(20, 40, 420, "SDXL base + refiner, the official split (ComfyUI's KSamplerAdvanced pair).\n\n"
@@ -106,7 +106,7 @@ WORKFLOWS = {
                (2, "SDXLVAEEncode", (420, 120), {}, None),
                (15, "SDXLNoiseAndRefine", (1280, 900), {"seed": 42, "cfg": 8.0, "sampler_name": "euler",
                                                          "mode": "renoise", "steps": 20, "scheduler": "normal",
-                                                         "strength": 0.3}, "Refine: renoise 30 %"),
+                                                         "strength": 0.3, "continue_from_step": 0}, "Refine: renoise 30 %"),
                (8, "SDXLVAEDecode", (1700, 900), {}, None),
                (9, "SDXLSaveImage", (1940, 900), {"filename_prefix": "sdxl_refined_image"}, None),
                note(20, 40, 420, "Refine an existing image with the SDXL refiner (SDEdit).\n\nLoad an image (upload "
@@ -125,7 +125,7 @@ WORKFLOWS = {
                (2, "SDXLVAEEncode", (420, 120), {}, None),
                (15, "SDXLNoiseAndRefine", (1280, 900), {"seed": 7, "cfg": 7.0, "sampler_name": "dpmpp_2m",
                                                          "mode": "renoise", "steps": 25, "scheduler": "karras",
-                                                         "strength": 0.6}, "img2img: renoise 60 %"),
+                                                         "strength": 0.6, "continue_from_step": 0}, "img2img: renoise 60 %"),
                (8, "SDXLVAEDecode", (1700, 900), {}, None),
                (9, "SDXLPreviewImage", (1940, 400), {}, None),
                (16, "SDXLSaveImage", (1940, 900), {"filename_prefix": "sdxl_img2img"}, None),
