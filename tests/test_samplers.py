@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from sdxl_nodes.sdxl_core import samplers as K
 from sdxl_nodes.sdxl_core import sampling as M
 from sdxl_nodes.sdxl_core import schedules as S
 from sdxl_nodes.sdxl_core.errors import Cancelled, SamplingError
@@ -32,7 +33,7 @@ def pf_ode_solution(x, sigma_a, sigma_b):
 
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "res_multistep", "ddim", "uni_pc", "uni_pc_bh2"]
-STOCHASTIC = [name for name in M.SAMPLERS if name not in DETERMINISTIC]
+STOCHASTIC = [name for name in K.SAMPLERS if name not in DETERMINISTIC]
 
 # Observed global order (error ratio when doubling the steps, log2) on an exponential grid from 14.6 to
 # 0.05, measured with (n, 2n) below. heunpp2's slope weights depend on sigma_0 and make it first order;
@@ -56,7 +57,7 @@ def test_sampler_table_is_comfyui_order():
         "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
         "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
     ]
-    ours = list(M.SAMPLERS)
+    ours = list(K.SAMPLERS)
     assert ours == [name for name in comfy_order if name in ours]
     for required in ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                      "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "uni_pc"]:
@@ -72,7 +73,7 @@ def test_deterministic_sampler_converges_with_expected_order(name):
     errors = []
     for steps in (n, 2 * n):
         sigmas = torch.exp(torch.linspace(math.log(sigma_a), math.log(sigma_b), steps + 1, dtype=torch.float64))
-        out = M.SAMPLERS[name](gaussian_denoiser, x, sigmas)
+        out = K.SAMPLERS[name](gaussian_denoiser, x, sigmas)
         errors.append((out - pf_ode_solution(x, sigma_a, sigma_b)).abs().max().item())
     order = math.log2(errors[0] / errors[1])
     assert errors[1] < 0.05
@@ -85,7 +86,7 @@ def test_deterministic_sampler_full_schedule_lands_on_data_mean_path(name):
     sigmas = S.get_sigmas("karras", 40, sampler_name=name)
     torch.manual_seed(1)
     x = torch.randn(1, 4, 4, 4) * float(sigmas[0]) + MU
-    out = M.SAMPLERS[name](gaussian_denoiser, x, sigmas)
+    out = K.SAMPLERS[name](gaussian_denoiser, x, sigmas)
     # first-order methods carry ~5e-2 here (|x| up to ~50 at sigma_max); uni_pc stops at sigma 0.001 as ComfyUI
     tolerance = 0.1 if name in ("euler", "ddim", "heunpp2") else 0.02
     assert (out - pf_ode_solution(x, float(sigmas[0]), 0.0)).abs().max() < tolerance
@@ -104,7 +105,7 @@ def test_euler_matches_diffusers():
     for i, t in enumerate(sched.timesteps):
         x0 = gaussian_denoiser(ref, sched.sigmas[i].reshape(1))
         ref = sched.step(x0, t, ref).prev_sample
-    ours = M.sample_euler(gaussian_denoiser, x, sigmas)
+    ours = K.sample_euler(gaussian_denoiser, x, sigmas)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -131,7 +132,7 @@ def test_dpmpp_2m_matches_diffusers_dpmsolver_plus_plus(scheduler):
         sigma = sigmas[i].reshape(1)
         x0 = gaussian_denoiser(x_vp * torch.sqrt(1 + sigma**2), sigma)
         x_vp = sched.step(x0, t, x_vp).prev_sample
-    ours = M.sample_dpmpp_2m(gaussian_denoiser, x, sigmas)
+    ours = K.sample_dpmpp_2m(gaussian_denoiser, x, sigmas)
     torch.testing.assert_close(ours, x_vp, rtol=1e-5, atol=1e-5)
 
 
@@ -140,9 +141,9 @@ def test_stochastic_samplers_are_seeded_and_sample_the_data_distribution(name):
     sigmas = S.get_sigmas("karras", 30, sampler_name=name)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1, 4, 64, 64, generator=gen) * float(sigmas[0])
-    a = M.SAMPLERS[name](gaussian_denoiser, x, sigmas, extra_args={"seed": 42})
-    b = M.SAMPLERS[name](gaussian_denoiser, x, sigmas, extra_args={"seed": 42})
-    c = M.SAMPLERS[name](gaussian_denoiser, x, sigmas, extra_args={"seed": 43})
+    a = K.SAMPLERS[name](gaussian_denoiser, x, sigmas, extra_args={"seed": 42})
+    b = K.SAMPLERS[name](gaussian_denoiser, x, sigmas, extra_args={"seed": 42})
+    c = K.SAMPLERS[name](gaussian_denoiser, x, sigmas, extra_args={"seed": 43})
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     # 16k samples of N(MU, S2): the mean within a few standard errors, and the std within the
@@ -155,10 +156,18 @@ def test_stochastic_samplers_are_seeded_and_sample_the_data_distribution(name):
         assert abs(a.std().item() - math.sqrt(S2)) < tolerance
 
 
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_sampler_without_seed_is_an_error(name):
+    """No silent unseeded generator: a sampler that needs noise and gets neither seed nor sampler fails."""
+    sigmas = S.get_sigmas("karras", 4, sampler_name=name)
+    with pytest.raises(SamplingError, match="seed"):
+        K.SAMPLERS[name](gaussian_denoiser, torch.randn(1, 4, 4, 4) * float(sigmas[0]), sigmas)
+
+
 def test_ancestral_noise_is_comfyui_default_noise_sampler():
     """ComfyUI: per-step noise = randn from a CPU generator seeded with seed + 1."""
     x = torch.zeros(1, 4, 8, 8)
-    draw = M.default_noise_sampler(x, seed=7)
+    draw = K.default_noise_sampler(x, seed=7)
     gen = torch.Generator().manual_seed(8)
     assert torch.equal(draw(None, None), torch.randn(x.shape, generator=gen))
     assert torch.equal(draw(None, None), torch.randn(x.shape, generator=gen))
@@ -167,13 +176,13 @@ def test_ancestral_noise_is_comfyui_default_noise_sampler():
 def test_euler_ancestral_with_eta_zero_is_euler():
     sigmas = S.normal(10)
     x = torch.randn(1, 4, 8, 8) * float(sigmas[0])
-    a = M.sample_euler_ancestral(gaussian_denoiser, x, sigmas, eta=0.0, extra_args={"seed": 1})
-    torch.testing.assert_close(a, M.sample_euler(gaussian_denoiser, x, sigmas), rtol=0, atol=1e-6)
+    a = K.sample_euler_ancestral(gaussian_denoiser, x, sigmas, eta=0.0, extra_args={"seed": 1})
+    torch.testing.assert_close(a, K.sample_euler(gaussian_denoiser, x, sigmas), rtol=0, atol=1e-6)
 
 
 def test_brownian_noise_sampler_has_brownian_covariance():
     x = torch.zeros(200_000)
-    ns = M.BrownianNoiseSampler(x, seed=3)
+    ns = K.BrownianNoiseSampler(x, seed=3)
     s_i, s_mid, s_next = torch.tensor(5.0), torch.tensor(2.0), torch.tensor(1.0)
     first = ns(s_i, s_mid)  # (W(2) - W(5)) / sqrt 3
     second = ns(s_i, s_next)  # (W(1) - W(5)) / sqrt 4
@@ -182,14 +191,14 @@ def test_brownian_noise_sampler_has_brownian_covariance():
         assert abs(n.std().item() - 1) < 0.01
     assert abs((first * second).mean().item() - math.sqrt(3 / 4)) < 0.01
     torch.testing.assert_close(third * 1.0, (second * 2 - first * math.sqrt(3)), rtol=1e-4, atol=1e-4)
-    again = M.BrownianNoiseSampler(x, seed=3)
+    again = K.BrownianNoiseSampler(x, seed=3)
     assert torch.equal(again(s_i, s_mid), first)
 
 
 def test_sampler_callback_protocol():
     sigmas = S.normal(6)
     seen = []
-    M.sample_heun(gaussian_denoiser, torch.randn(1, 4, 4, 4), sigmas, callback=seen.append)
+    K.sample_heun(gaussian_denoiser, torch.randn(1, 4, 4, 4), sigmas, callback=seen.append)
     assert [d["i"] for d in seen] == list(range(6))
     assert set(seen[0]) == {"i", "x", "denoised", "sigma", "sigma_hat"}
     assert float(seen[0]["sigma"]) == float(sigmas[0])
@@ -399,7 +408,7 @@ def test_nan_latent_is_an_error():
         run(latent)
 
 
-@pytest.mark.parametrize("name", list(M.SAMPLERS))
+@pytest.mark.parametrize("name", list(K.SAMPLERS))
 def test_every_sampler_runs_through_sample(name):
     out = run(steps=4, sampler_name=name, scheduler="karras")
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
