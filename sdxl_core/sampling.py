@@ -14,6 +14,7 @@ their per-step noise sampler with it. Initial noise: :func:`prepare_noise` (Comf
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable
@@ -21,10 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import samplers as solvers
 from .config import LATENT_SCALE
 from .errors import Cancelled, SamplingError
-from .samplers import SAMPLERS
-from .schedules import SCHEDULERS, get_sigmas, sigma_max, sigma_to_timestep
+from .schedules import SCHEDULERS, get_sigmas, percent_to_sigma, sigma_max, sigma_to_timestep
 from .types import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,26 @@ def prepare_noise(latent: torch.Tensor, seed: int, batch_index: list[int] | None
 
 
 # ------------------------------------------------------------------------------------------------
+# The solvers, with what ComfyUI's samplers read from the model
+# ------------------------------------------------------------------------------------------------
+
+
+def _with_sdxl_tau(solver):
+    """sa_solver's default SDE interval in ComfyUI is the model's: sigma from 20 % to 80 % of the timesteps."""
+    @functools.wraps(solver)
+    def run(denoiser, x, sigmas, **kwargs):
+        kwargs.setdefault("tau_func", solvers.sa_tau_interval(percent_to_sigma(0.2), percent_to_sigma(0.8)))
+        return solver(denoiser, x, sigmas, **kwargs)
+    return run
+
+
+# Name -> solver in ComfyUI's order (solvers.SAMPLERS), SDXL defaults bound.
+SAMPLERS = {
+    name: _with_sdxl_tau(fn) if name in ("sa_solver", "sa_solver_pece") else fn for name, fn in solvers.SAMPLERS.items()
+}
+
+
+# ------------------------------------------------------------------------------------------------
 # The denoiser: discrete eps-prediction UNet + classifier-free guidance
 # ------------------------------------------------------------------------------------------------
 
@@ -104,6 +125,7 @@ class CFGDenoiser:
             raise SamplingError(f"cfg = {cfg} needs a negative conditioning (or set cfg to 1.0)")
         self.conds = [negative, positive] if self.use_uncond else [positive]
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._negative = negative  # for post_cfg at cfg 1 (CFG++ samplers), see _uncond_at_cfg_one
 
     def _context(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is None or self._cache[:2] != (batch, device):
@@ -115,7 +137,18 @@ class CFGDenoiser:
             self._cache = (batch, device, context.to(device, self.dtype), y.to(device, self.dtype))
         return self._cache[2], self._cache[3]
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_unused: Any) -> torch.Tensor:
+    def _uncond_at_cfg_one(self) -> None:
+        """A post_cfg hook wants the uncond prediction: evaluate it even at cfg 1, as ComfyUI does when a
+        sampler sets ``disable_cfg1_optimization`` (its CFG++ samplers)."""
+        if self._negative is None:
+            raise SamplingError("this sampler (CFG++) needs a negative conditioning even at cfg 1.0")
+        self.use_uncond, self.conds, self._cache = True, [self._negative, self.conds[-1]], None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, post_cfg=None, **_unused: Any) -> torch.Tensor:
+        """x0; ``post_cfg({"denoised", "uncond_denoised", "cond_denoised"}) -> denoised`` is ComfyUI's
+        ``sampler_post_cfg_function`` hook (how its CFG++ samplers see the unconditional prediction)."""
+        if post_cfg is not None and not self.use_uncond:
+            self._uncond_at_cfg_one()
         batch = x.shape[0]
         context, y = self._context(batch, x.device)
         n = len(self.conds)
@@ -127,6 +160,8 @@ class CFGDenoiser:
         if not self.use_uncond:
             return denoised
         uncond, cond = denoised.chunk(2)
+        if post_cfg is not None:
+            return post_cfg({"denoised": uncond + (cond - uncond) * self.cfg, "uncond_denoised": uncond, "cond_denoised": cond})
         return uncond + (cond - uncond) * self.cfg
 
 
