@@ -1,37 +1,47 @@
 """The solvers: k-diffusion's samplers and ComfyUI's additions, one function each, with no SDXL knowledge.
 
-Contract (crowsonkb/k-diffusion ``sampling.py``; ComfyUI ``comfy/k_diffusion/sampling.py``):
+Contract (crowsonkb/k-diffusion ``sampling.py``; ComfyUI v0.8 ``comfy/k_diffusion/sampling.py``):
 ``sample_<name>(model, x, sigmas, *, extra_args, callback, disable, noise_sampler, ...)`` where
-``model(x, sigma_batch, **extra_args)`` returns the denoised x0, ``sigmas`` ends in 0 and randness
-comes from an injected noise sampler (else one seeded with ``extra_args["seed"]``, which is mandatory
-for the stochastic samplers). ``disable`` is accepted for k-diffusion compatibility (there is no
-progress bar here; progress goes through ``callback``). The arithmetic follows ComfyUI's operation for
-operation on float32 tensors, so the deterministic samplers and the plain-``randn`` ancestral ones give
-ComfyUI's numbers bit for bit (on CPU).
-Papers: Karras et al. 2022 (Euler, Heun; arXiv:2206.00364), Lu et al. 2022 (DPM-Solver /
-DPM-Solver++; arXiv:2206.00927, 2211.01095), Zhao et al. 2023 (UniPC; arXiv:2302.04867), Zhang &
-Chen 2022 (iPNDM; arXiv:2204.13902), Zhang et al. 2023 (RES; arXiv:2308.02157), Luo et al. 2023 (LCM).
+``model(x, sigma_batch, **extra_args)`` returns the denoised x0 and ``sigmas`` ends in 0 (or at a
+nonzero sigma for a run stopped early). Randomness comes from an injected noise sampler, else from one
+built on first use from ``extra_args["seed"]`` (mandatory then: a missing seed is an error, never an
+unseeded generator): ComfyUI's ``default_noise_sampler`` (CPU generator seeded with seed + 1) or, for
+the SDE samplers, torchsde's Brownian tree seeded as ComfyUI seeds it (:class:`BrownianTreeNoiseSampler`).
+CFG++ samplers read the unconditional x0 through the model's ``post_cfg`` hook (see :class:`_Run`).
+``disable`` is accepted for k-diffusion compatibility (progress goes through ``callback``).
 
-Known differences from ComfyUI (the only ones):
+The arithmetic follows ComfyUI's operation for operation on float32 tensors. Papers: Karras et al. 2022
+(Euler, Heun; arXiv:2206.00364), Lu et al. 2022 (DPM-Solver, DPM-Solver++; arXiv:2206.00927,
+2211.01095), Zhao et al. 2023 (UniPC; 2302.04867), Zhang & Chen 2022 (iPNDM, DEIS; 2204.13902), Zhou et
+al. 2024 (iPNDM-v; 2312.00094), Zhang et al. 2023 (RES; 2308.02157), Luo et al. 2023 (LCM), Chung et al.
+2024 (CFG++; 2406.08070), Gonzalez et al. 2023 (SEEDS; 2305.14267), Cui et al. 2023 (ER-SDE;
+2309.06169), Xue et al. 2023 (SA-Solver; 2309.05019), Permenter & Yuan 2024 (gradient estimation).
 
-* ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_2m_sde_heun`` and ``dpmpp_3m_sde`` take their noise in
-  ComfyUI from torchsde's ``BrownianTree``. torchsde is not a dependency here; :class:`BrownianNoiseSampler`
-  samples the same Brownian motion (same law, increments over overlapping intervals correlated the same
-  way) from a seeded generator, but not the same random numbers, so these four samplers give different
-  (equally valid) images for a seed than ComfyUI does.
+Differences from ComfyUI (the only ones known):
+
 * ``lms`` integrates its Lagrange coefficients exactly in float64; ComfyUI calls ``scipy.integrate.quad``
   on float32 numpy values, so results agree to ~1e-6, not bit for bit.
 * ``heunpp2`` in ComfyUI draws (and discards) one ``randn_like`` from the global RNG per step; not here.
+  Likewise noise whose coefficient is 0 (``dpm_fast``/``dpm_adaptive`` at eta 0, ``res_multistep``) is
+  not drawn; the result is the same.
 * The ancestral noise sampler's seed is ``seed + 1`` on CPU, as in ComfyUI; for ``seed = 2**64 - 1``
   ComfyUI's ``manual_seed`` overflows, here it wraps to 0.
 * ``uni_pc``/``uni_pc_bh2`` with a single step: ComfyUI runs order 0 and returns its input rescaled;
   here the step is a first-order update. Callbacks report every sampler's state in the k-diffusion
   scale (ComfyUI's UniPC reports its internal x / sqrt(1 + sigma^2), its iPNDM the initial x).
+* ``sa_solver`` builds its Lagrange weights from moments by a recursion instead of ComfyUI's matrix
+  form; ``deis`` takes d sigma/dt analytically instead of by autograd (both float32, ~1e-7 apart).
 
-Verified (outside this repository's tests, which must not import ComfyUI) by running ComfyUI's own
-``comfy/k_diffusion/sampling.py`` and ``comfy/extra_samplers/uni_pc.py`` on the same inputs: every
-sampler here except ``lms`` gives bit-identical float32 output for normal/karras/exponential/simple
-schedules of 1-25 steps (SDE samplers with an injected shared noise sampler).
+ComfyUI's own quirks kept on purpose, for its pixels: ``dpmpp_2s_ancestral_cfg_pp`` uses the midpoint
+call's uncond x0 in its full step; ``dpm_fast``/``dpm_adaptive`` use only the schedule's end points and
+stop at the last nonzero sigma; ``dpm_adaptive``'s callback counts attempts.
+
+Verification: every sampler k-diffusion has equals k-diffusion's on the same inputs (tests, <= 1e-5;
+the SDE ones on ComfyUI's seeded tree). The 21 samplers this project had before the CFG++, SEEDS,
+ER-SDE, SA-Solver, DEIS, iPNDM-v, gradient-estimation and DPM-Solver-fast/adaptive additions were also
+run against ComfyUI's own code (outside this repository: bit-identical float32 except ``lms``, the SDE
+ones with a shared injected noise sampler); the additions are checked against k-diffusion where it has
+them and otherwise against hand derivations from their papers, not against ComfyUI itself.
 """
 
 from __future__ import annotations
