@@ -147,6 +147,9 @@ def main() -> None:
               f"{unet_ms:.1f} ms per evaluation")
         print(f"Brownian tree per step (2 queries at {args.size}x{args.size}): {per_step:.3f} ms = "
               f"{100 * per_step / unet_ms:.3f} % of that UNet evaluation (target < 1 %)")
+        if args.unet_size < args.size:
+            print(f"(the UNet ran at {args.unet_size}x{args.unet_size}, the tree at {args.size}x{args.size}: a "
+                  f"{args.size}x{args.size} UNet evaluation costs at least {(args.size // args.unet_size) ** 2}x more)")
 
 
 if __name__ == "__main__":

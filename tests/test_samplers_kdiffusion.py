@@ -37,6 +37,8 @@ from sdxl_nodes.sdxl_core import schedules as S
 
 def _load_kdiffusion_sampling():
     spec = importlib.util.find_spec("k_diffusion")  # locates the package without importing it
+    if spec is None:
+        raise ImportError("k-diffusion is not installed: run scripts/setup.sh (it installs k-diffusion --no-deps)")
     path = Path(spec.submodule_search_locations[0]) / "sampling.py"
     package = types.ModuleType("_kdiffusion_golden")
     package.__path__ = []
