@@ -91,6 +91,16 @@ def timestep_to_sigma(timestep: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
 
 
+def percent_to_sigma(percent: float) -> float:
+    """The sigma a fraction ``percent`` of the way through the timesteps (0 = pure noise side, 1 = clean),
+    as ComfyUI ``ModelSamplingDiscrete.percent_to_sigma``: ``timestep_to_sigma((1 - percent) * 999)``."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    return float(timestep_to_sigma(torch.tensor((1.0 - percent) * 999.0)))
+
+
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
