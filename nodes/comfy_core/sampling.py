@@ -11,11 +11,7 @@ from ..schema import MAX_SEED, Combo, Float, Int, NodeSchema, Output, Socket, no
 
 LATENT_OUT = (Output("LATENT", "LATENT", "The denoised latent."),)
 SAMPLER_NOTE = (
-    "sampler_name offers the 21 samplers sdxl_core implements, in ComfyUI's order; ComfyUI's others (the *_cfg_pp, "
-    "*_gpu, dpm_fast, dpm_adaptive, exp_heun_2_x0*, ipndm_v, deis, gradient_estimation*, er_sde, seeds_*, sa_solver*) "
-    "are rejected by validation. dpmpp_sde / dpmpp_2m_sde / dpmpp_2m_sde_heun / dpmpp_3m_sde draw the same Brownian "
-    "noise law from a seeded generator, not torchsde's numbers; lms agrees to ~1e-6 (see sdxl_core/sampling.py). Conditioning entries that can share a UNet call "
-    "always do (ComfyUI splits such batches when GPU memory is short)."
+    "Conditioning entries that can share a UNet call always do (ComfyUI splits such batches when GPU memory is short)."
 )
 
 
