@@ -1,7 +1,7 @@
 """The HTTP/WebSocket server (runtime/server.py) against ../shared/frontend/API.md, with stub nodes.
 
 Fast: aiohttp's test client, no browser, no torch. The recorded payloads in
-``../shared/frontend/samples/`` are the reference for shapes.
+``tests/data/frontend_samples/`` (vendored) are the reference for shapes.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from sdxl_nodes.runtime.server import create_app, preview_frame, server_of
 
 pytestmark = pytest.mark.asyncio
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
-if not SAMPLES.is_dir():  # a checkout beside ../shared, or the lead's layout
-    SAMPLES = Path("/work/shared/frontend/samples")
+SAMPLES = Path(__file__).resolve().parent / "data" / "frontend_samples"  # vendored recordings
 
 
 class StubSaveImage:
