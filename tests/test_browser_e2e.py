@@ -407,6 +407,13 @@ def test_shipped_workflow_opens_readable_at_1400x900(shared_editor, path):
     assert grown == []
     assert _overlaps(state["nodes"]) == []
     assert editor.problems == []
+    # the picture tools/make_thumbnails.py turns into workflows/<name>.jpg: the graph, without overlays
+    xs = [v for n in state["nodes"] for v in (n["screen"][0], n["screen"][0] + n["screen"][2])]
+    ys = [v for n in state["nodes"] for v in (n["screen"][1], n["screen"][1] + n["screen"][3])]
+    x0, y0 = max(min(xs) - 12, 0), max(min(ys) - 12, 0)
+    clip = {"x": x0, "y": y0, "width": min(max(xs) + 12, 1400) - x0, "height": min(max(ys) + 12, 900) - y0}
+    page.screenshot(path=str(ARTIFACTS / f"thumb_{path.stem}.png"), clip=clip,
+                    style=".minimap-main-container, .p-toast { visibility: hidden !important; }")
 
 
 def test_load_image_does_not_grow_over_its_neighbours_after_an_upload(shared_editor):
@@ -438,3 +445,25 @@ def test_load_image_does_not_grow_over_its_neighbours_after_an_upload(shared_edi
     assert after[load_id] == before[load_id]
     assert _overlaps(state["nodes"]) == []
     assert editor.problems == []
+
+
+def test_templates_dialog_shows_our_thumbnails(shared_editor):
+    page = shared_editor.page
+    shared_editor.problems.clear()
+    page.get_by_role("button", name="Templates").first.click()
+    try:
+        # the dialog shows each card's picture as a blob: URL; ours are 400 px wide (the fallback card is 512)
+        page.wait_for_function(f"""() => [...document.querySelectorAll('img')].filter(
+            i => i.complete && i.naturalWidth === 400).length >= {len(SHIPPED)}""")
+        catalogue = page.request.get(f"{shared_editor.url.rstrip('/')}/templates/index.json").json()
+        cards = {c["name"]: c for c in catalogue[0]["templates"]}
+        for path in SHIPPED:  # each card shows its title; the catalogue carries its description
+            about = json.loads(path.read_text(encoding="utf-8"))["extra"]["sdxl_nodes"]
+            assert about["description"] and cards[path.stem]["description"] == about["description"]
+            page.get_by_text(about["title"], exact=True).first.wait_for(state="visible")
+            response = page.request.get(f"{shared_editor.url.rstrip('/')}/api/workflow_templates/sdxl-nodes/{path.stem}.jpg")
+            assert response.status == 200 and response.headers["content-type"] == "image/jpeg"
+            assert response.body() == path.with_suffix(".jpg").read_bytes()
+    finally:
+        page.keyboard.press("Escape")
+    assert shared_editor.problems == [], "\n".join(shared_editor.problems)

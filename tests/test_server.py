@@ -189,7 +189,10 @@ async def test_boot_endpoints(client):
     assert await (await client.get("/api/experiment/models")).json() == []
     assert await (await client.get("/api/prompt")).json() == {"exec_info": {"queue_remaining": 0}}
     assert await (await client.get("/api/sdxl_nodes/default_workflow")).json() == WORKFLOW
-    assert await (await client.get("/api/workflow_templates")).json() == {"sdxl-nodes": ["stub_flow"]}
+    assert await (await client.get("/api/workflow_templates")).json() == {}  # listed once, by the catalogue:
+    assert await (await client.get("/templates/index.json")).json() == [{
+        "moduleName": "sdxl-nodes", "title": "SDXL", "type": "image", "templates": [{
+            "name": "stub_flow", "title": "stub_flow", "description": "", "mediaType": "image", "mediaSubtype": "jpg"}]}]
     assert await (await client.get("/api/workflow_templates/sdxl-nodes/stub_flow.json")).json() == WORKFLOW
     r = await client.get("/api/workflow_templates/sdxl-nodes/stub_flow.jpg")
     assert r.status == 200 and r.headers["Content-Type"].startswith("image/")

@@ -67,6 +67,7 @@ REFINER_TEXT_LINKS = [(10, "clip", 11, "clip"), (10, "clip", 12, "clip"), (11, "
 
 WORKFLOWS = {
     "sdxl_base": dict(
+        title='SDXL base: text to image', description='The SDXL 1.0 base model alone: a prompt to a 1024×1024 image in 25 euler steps (cfg 8).',
         columns=[[1, 20], [2, 3], [4, 5, 6], [7], [8, 9]],
         nodes=[base_loader(1), *BASE_TEXT_NODES,
                (6, "SDXLEmptyLatent", {"width": 1024, "height": 1024, "batch_size": 1}, None),
@@ -82,6 +83,7 @@ WORKFLOWS = {
                (1, "vae", 8, "vae"), (8, "IMAGE", 9, "images")],
     ),
     "sdxl_base_refiner": dict(
+        title='SDXL base + refiner', description='The official two-stage SDXL 1.0 pipeline: the base runs the first 80 % of the steps and the refiner finishes the still-noisy latent.',
         columns=[[1, 10, 20], [2, 3, 11, 12], [4, 5, 13, 14, 6], [7, 15], [8, 9]],
         nodes=[base_loader(1), *BASE_TEXT_NODES,
                (6, "SDXLEmptyLatent", {"width": 1024, "height": 1024, "batch_size": 1}, None),
@@ -105,6 +107,7 @@ WORKFLOWS = {
                (8, "IMAGE", 9, "images")],
     ),
     "sdxl_refine_image": dict(
+        title='SDXL refine an image', description='Sharpen an existing image with the SDXL refiner: light noise (strength 0.3), then denoise.',
         columns=[[1, 10, 20], [11, 12, 2], [13, 14], [15, 8], [9]],
         nodes=[(1, "SDXLLoadImage", {"image": "example.png", "upload": "image"}, None),
                refiner_loader(10), *REFINER_TEXT_NODES,
@@ -123,6 +126,7 @@ WORKFLOWS = {
                (8, "IMAGE", 9, "images")],
     ),
     "sdxl_img2img": dict(
+        title='SDXL image to image', description='Redraw an uploaded image with the SDXL base and a prompt; strength 0.6 sets how much changes.',
         columns=[[1, 10, 20], [11, 12, 2], [13, 14], [15, 8], [9, 16]],
         nodes=[base_loader(10), (1, "SDXLLoadImage", {"image": "example.png", "upload": "image"},
                                           None),
@@ -239,7 +243,9 @@ def build(name: str, spec: dict) -> dict:
         "groups": [],
         "config": {},
         "extra": {"ds": {"scale": VIEW_SCALE, "offset": [round(VIEW_ORIGIN[0] / VIEW_SCALE, 2),
-                                                          round(VIEW_ORIGIN[1] / VIEW_SCALE, 2)]}},
+                                                          round(VIEW_ORIGIN[1] / VIEW_SCALE, 2)]},
+                  # the Templates dialog's card text (served by `sdxl-nodes serve` in /templates/index.json)
+                  "sdxl_nodes": {"title": spec["title"], "description": spec["description"]}},
         "version": 0.4,
     }
     return workflow
