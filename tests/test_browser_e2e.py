@@ -217,6 +217,10 @@ def test_run_shows_the_image_on_the_save_node(editor):
     page.wait_for_timeout(500)  # one more frame so the screenshot shows it
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "editor_after_run.png"))
+    # the samplers' live previews and the saved image made no node grow over another
+    state = page.evaluate(CANVAS_STATE_JS)
+    assert _overlaps(state["nodes"]) == []
+    assert page.evaluate("() => app.graph._nodes.filter(n => n.imgs?.length).length") >= 2  # previews shown
 
     response = page.request.get(src)
     assert response.status == 200 and response.headers["content-type"] == "image/png"

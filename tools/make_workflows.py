@@ -153,12 +153,13 @@ WORKFLOWS = {
 # Node sizes [width, height of the body below the title bar]. Each height is at least what the frontend
 # (comfyui-frontend-package 1.58) computes for the node's widgets with LGraphNode.computeSize(): loader 98,
 # dual encode 142, size/crop 178, refiner conditioning and empty latent 106, base sampler 262, noise & refine
-# 286, VAE decode/encode 46, save 58; Load Image 306 once an image is shown (its preview widget is 220 high),
-# so it does not grow over its neighbours after an upload; the save and preview nodes keep room for the image.
+# 286, VAE decode/encode 46, save 58. A node that shows an image grows by the frontend's preview widget (220):
+# Load Image once an image is chosen or uploaded, the samplers with their live previews, the save and preview
+# nodes with their results; their sizes include it so no node grows over a neighbour after an upload or a run.
 # tests/test_browser_e2e.py checks these against the real frontend (no overlap, nothing grows).
 SIZES = {"SDXLCheckpointLoader": (280, 100), "SDXLDualCLIPEncode": (340, 180), "SDXLSizeCropConditioning": (280, 180),
-         "SDXLRefinerConditioning": (280, 110), "SDXLEmptyLatent": (280, 110), "SDXLBaseSampler": (280, 270),
-         "SDXLNoiseAndRefine": (280, 290), "SDXLVAEDecode": (280, 50), "SDXLVAEEncode": (280, 50),
+         "SDXLRefinerConditioning": (280, 110), "SDXLEmptyLatent": (280, 110), "SDXLBaseSampler": (280, 490),
+         "SDXLNoiseAndRefine": (280, 510), "SDXLVAEDecode": (280, 50), "SDXLVAEEncode": (280, 50),
          "SDXLSaveImage": (280, 280), "SDXLPreviewImage": (280, 260), "SDXLLoadImage": (280, 310), "Note": (280, 230)}
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above node.pos
 GAP = 30  # between nodes, vertically; COLUMN_GAP between columns
@@ -166,9 +167,9 @@ COLUMN_GAP = 40
 
 # The view a workflow opens with, for the editor at 1400×900: the frontend draws nodes as blank boxes below
 # its low-quality zoom threshold (LGraphCanvas: min font size for LOD 8 px / NODE_TEXT_SIZE 14 = 0.571 at
-# device pixel ratio 1), so open at 0.75. The graph starts right of the sidebar (56 px) and below the tab and
+# device pixel ratio 1), so open at 0.7. The graph starts right of the sidebar (56 px) and below the tab and
 # run bars (~90 px), and must stay clear of the minimap (bottom right, x >= 1139, y >= 638 at 1400×900).
-VIEW_SCALE = 0.75
+VIEW_SCALE = 0.7
 VIEW_ORIGIN = (72, 104)  # screen position of the graph's top-left corner
 SCREEN, MINIMAP = (1400, 900), (1139, 638)
 
@@ -188,7 +189,7 @@ def layout(spec: dict) -> dict[int, tuple[list[int], list[int]]]:
     for i, ((px, py), (w, h)) in placed.items():  # on screen at VIEW_SCALE, clear of the minimap
         left, top = VIEW_ORIGIN[0] + px * VIEW_SCALE, VIEW_ORIGIN[1] + (py - TITLE_HEIGHT) * VIEW_SCALE
         right, bottom = left + w * VIEW_SCALE, top + (h + TITLE_HEIGHT) * VIEW_SCALE
-        if right > SCREEN[0] - 8 or bottom > SCREEN[1] - 60 or (right > MINIMAP[0] and bottom > MINIMAP[1]):
+        if right > SCREEN[0] - 8 or bottom > SCREEN[1] - 16 or (right > MINIMAP[0] and bottom > MINIMAP[1]):
             raise SystemExit(f"node {i} does not fit the 1400×900 view: {left:.0f},{top:.0f}–{right:.0f},{bottom:.0f}")
     return placed
 
