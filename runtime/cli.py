@@ -316,6 +316,11 @@ def cmd_serve(args) -> int:
     from ..nodes.environment import free_models, system_info
     from . import server
 
+    try:
+        import comfyui_frontend_package  # noqa: F401 - the editor bundle lives in the [editor] extra
+    except ImportError:
+        raise CLIError("the editor bundle (comfyui-frontend-package) is not installed: "
+                       "pip install 'sdxl-nodes[editor]'") from None
     configure_environment(args)
     classes, names = node_pack()
     return server.serve_from_cli(args, classes, names, system_info=system_info, on_free=free_models)

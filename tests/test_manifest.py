@@ -10,7 +10,8 @@ import torch
 from sdxl_nodes.sdxl_core import checkpoint
 from sdxl_nodes.sdxl_core.config import BASE, REFINER
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "sdxl"
+# Stability's key manifests of the official files (vendored copies; see tests/data/README.md).
+SHARED = Path(__file__).resolve().parent / "data" / "sdxl"
 
 
 def read_manifest(name: str) -> dict[str, tuple[int, ...]]:

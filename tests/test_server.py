@@ -1,7 +1,7 @@
 """The HTTP/WebSocket server (runtime/server/) against ../shared/frontend/API.md, with stub nodes.
 
-Fast: aiohttp's test client, no browser, no torch. The recorded payloads vendored from
-``../shared/frontend/samples/`` into ``tests/data/frontend/samples/`` are the reference for shapes.
+Fast: aiohttp's test client, no browser, no torch. The recorded payloads in
+``tests/data/frontend_samples/`` (vendored) are the reference for shapes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sdxl_nodes.runtime.server import create_app, preview_frame, server_of
 
 pytestmark = pytest.mark.asyncio
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "frontend" / "samples"  # vendored from ../shared
+SAMPLES = Path(__file__).resolve().parent / "data" / "frontend_samples"  # vendored recordings
 
 
 class StubSaveImage:
@@ -191,7 +191,10 @@ async def test_boot_endpoints(client):
     assert await (await client.get("/api/experiment/models")).json() == []
     assert await (await client.get("/api/prompt")).json() == {"exec_info": {"queue_remaining": 0}}
     assert await (await client.get("/api/sdxl_nodes/default_workflow")).json() == WORKFLOW
-    assert await (await client.get("/api/workflow_templates")).json() == {"sdxl-nodes": ["stub_flow"]}
+    assert await (await client.get("/api/workflow_templates")).json() == {}  # listed once, by the catalogue:
+    assert await (await client.get("/templates/index.json")).json() == [{
+        "moduleName": "sdxl-nodes", "title": "SDXL", "type": "image", "templates": [{
+            "name": "stub_flow", "title": "stub_flow", "description": "", "mediaType": "image", "mediaSubtype": "jpg"}]}]
     assert await (await client.get("/api/workflow_templates/sdxl-nodes/stub_flow.json")).json() == WORKFLOW
     r = await client.get("/api/workflow_templates/sdxl-nodes/stub_flow.jpg")
     assert r.status == 200 and r.headers["Content-Type"].startswith("image/")

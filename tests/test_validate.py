@@ -10,14 +10,11 @@ from stub_nodes import NODE_CLASS_MAPPINGS as CLASSES
 
 from sdxl_nodes.runtime.validate import coerce_literal, types_compatible, validate_prompt
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
+SAMPLES = Path(__file__).resolve().parent / "data" / "frontend_samples"  # vendored recordings
 
 
 def _recorded(name):
-    path = SAMPLES / name
-    if not path.is_file():
-        pytest.skip("recorded frontend samples not available")
-    return json.loads(path.read_text())
+    return json.loads((SAMPLES / name).read_text())
 
 
 def n(class_type, **inputs):

@@ -25,9 +25,8 @@ from sdxl_nodes.runtime.workflow import (
     widget_layout,
 )
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
-if not SAMPLES.is_dir():  # the repository checkout may sit beside shared/
-    SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "frontend" / "samples"
+# Recorded from the real frontend and ComfyUI (vendored; see tests/data/README.md).
+SAMPLES = Path(__file__).resolve().parent / "data" / "frontend_samples"
 
 NODE_FIELDS = ("input", "input_order", "output", "output_is_list", "output_name", "name", "display_name",
                "description", "python_module", "category", "output_node")
@@ -40,8 +39,6 @@ def _load(name: str):
 @pytest.fixture(scope="module")
 def object_info():
     """The recorded ``/object_info`` subset (tests that use recorded samples depend on this)."""
-    if not SAMPLES.is_dir():
-        pytest.skip("recorded frontend samples not available")
     return _load("object_info_subset.json")
 
 

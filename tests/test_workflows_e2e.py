@@ -1,7 +1,7 @@
 """Every shipped workflow end to end on tiny checkpoints (STYLE.md tests, layer e).
 
-* UI → API conversion of each `workflows/*.json` equals the independently derived
-  `tests/data/<name>.api.json`.
+* UI → API conversion of each `workflows/*.json` equals `tests/data/<name>.api.json`, the prompt the
+  real ComfyUI frontend builds for it (captured by tests/test_browser_e2e.py).
 * Each workflow, shrunk to 64×64 and a few steps by editing its widgets, validates and runs headless
   through `runtime.cli.main` to a PNG whose embedded `workflow`/`prompt` chunks give the graph back.
 * Caching: a new base seed re-runs only the base sampler and what follows it; no network is re-read.

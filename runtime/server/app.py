@@ -442,7 +442,21 @@ class PromptServer:
         return web.json_response(self.default_workflow, headers={"Cache-Control": "no-store"})
 
     async def get_workflow_templates(self, request: web.Request) -> web.Response:
-        return web.json_response({self.pack_name: sorted(self.templates)} if self.templates else {})
+        # Our templates are listed once, with titles and descriptions, by /templates/index.json below
+        # (this list would only repeat them as bare names).
+        return web.json_response({})
+
+    async def get_template_index(self, request: web.Request) -> web.Response:
+        """The Templates dialog's catalogue: our workflows with the title and description each carries in
+        ``extra.sdxl_nodes`` (written by tools/make_workflows.py); cards and files come from
+        /api/workflow_templates/<pack>/<name>.jpg|json."""
+        cards = []
+        for name in sorted(self.templates):
+            about = (self.templates[name].get("extra") or {}).get("sdxl_nodes") or {}
+            cards.append({"name": name, "title": about.get("title", name), "description": about.get("description", ""),
+                          "mediaType": "image", "mediaSubtype": "jpg"})
+        return web.json_response([{"moduleName": self.pack_name, "title": "SDXL", "type": "image",
+                                   "templates": cards}] if cards else [])
 
     async def get_workflow_template(self, request: web.Request) -> web.Response:
         if request.match_info["pack"] != self.pack_name:
@@ -452,7 +466,10 @@ class PromptServer:
             raise web.HTTPNotFound()
         if ext == "json":
             return web.json_response(self.templates[stem])
-        if ext in ("jpg", "jpeg", "webp", "png"):  # the dialog's thumbnail: a plain card with the name
+        thumbnail = WORKFLOWS_DIR / f"{stem}.jpg"  # shipped beside the workflow (tools/make_thumbnails.py)
+        if ext == "jpg" and thumbnail.is_file():
+            return web.FileResponse(thumbnail, headers={"Cache-Control": "public, max-age=3600"})
+        if ext in ("jpg", "jpeg", "webp", "png"):  # no thumbnail shipped: a plain card with the name
             return web.Response(body=_thumbnail_svg(stem), content_type="image/svg+xml",
                                 headers={"Cache-Control": "public, max-age=3600"})
         raise web.HTTPNotFound()
@@ -620,6 +637,8 @@ def create_app(
     app.router.add_get("/internal/files/{kind}", s.files.internal_files)
     app.router.add_get("/internal/folder_paths", s.get_folder_paths)
     app.router.add_get("/extensions/{pack}/{path:.+}", s.get_extension_file)
+    app.router.add_get("/templates/index.json", s.get_template_index)
+    app.router.add_get("/templates/index_logo.json", _constant({}))
     app.router.add_get("/", s.get_index)
     app.router.add_get("/{path:.+}", s.get_static)  # last: the frontend package's files
     return app
