@@ -318,6 +318,16 @@ def widget_layout(node_def: Mapping[str, Any]) -> list[tuple[str, bool]]:
     return layout
 
 
+def _is_combo(node_def: Mapping[str, Any], name: str) -> bool:
+    inputs = node_def.get("input") or {}
+    for category in ("required", "optional"):
+        spec = (inputs.get(category) or {}).get(name)
+        if spec is not None:
+            input_type = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+            return isinstance(input_type, (list, tuple)) or input_type == "COMBO"
+    return False
+
+
 def _widget_default(node_def: Mapping[str, Any], name: str) -> Any:
     inputs = node_def.get("input") or {}
     for category in ("required", "optional"):
@@ -654,7 +664,10 @@ class _Converter:
         out = {}
         for name, companion in layout:
             if not companion:
-                out[name] = named[name] if name in named else _widget_default(node_def, name)
+                value = named[name] if name in named else _widget_default(node_def, name)
+                if value is None and _is_combo(node_def, name):
+                    value = _widget_default(node_def, name)  # the editor shows a null combo as its first choice
+                out[name] = value
         out.update(self.overrides.get((graph.id, str(node["id"])), {}))
         return out
 
