@@ -25,6 +25,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..sdxl_core.errors import UserError
+
 __all__ = [
     "CONTROL_AFTER_GENERATE",
     "LoadedWorkflow",
@@ -60,7 +62,7 @@ _SEED_NAMES = ("seed", "noise_seed")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class WorkflowError(ValueError):
+class WorkflowError(UserError, ValueError):
     """A workflow file or object could not be read or converted; the message says where and why."""
 
 

@@ -43,20 +43,22 @@ def models_dir(tmp_path_factory, tiny_checkpoints):
 
 @pytest.fixture
 def d(tmp_path, models_dir, monkeypatch):
-    monkeypatch.setattr(environment, "_current", None)  # restore the process-global environment afterwards
     dirs = {"models": models_dir, "input": tmp_path / "input", "output": tmp_path / "output", "temp": tmp_path / "temp",
             "tmp": tmp_path}
     dirs["input"].mkdir()
     return dirs
 
 
-def folders(d) -> list[str]:
-    return ["--models-dir", str(d["models"]), "--input-dir", str(d["input"]), "--output-dir", str(d["output"]),
-            "--temp-dir", str(d["temp"])]
+def folders(d, command: str = "run") -> list[str]:
+    """The folder options each command takes (validate: models + input; convert: none)."""
+    if command == "convert":
+        return []
+    read = ["--models-dir", str(d["models"]), "--input-dir", str(d["input"])]
+    return read if command == "validate" else [*read, "--output-dir", str(d["output"]), "--temp-dir", str(d["temp"])]
 
 
 def run(capsys, d, *argv) -> tuple[int, str, str]:
-    code = cli.main([*argv, *folders(d)])
+    code = cli.main([*argv, *folders(d, argv[0])])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -181,6 +183,8 @@ def test_missing_checkpoint_is_a_validation_error(capsys, d):
     assert "error: Prompt outputs failed validation" in err
     assert "node 1 (Load SDXL base), input 'ckpt_name': Value not in list" in err
     assert "'missing.safetensors' not in [" in err and f"'{BASE}'" in err
+    folder = (d["models"] / "checkpoints").resolve()
+    assert f"Searched {folder}: the file must be {d['models'] / 'checkpoints' / 'missing.safetensors'}" in err
     assert_nothing_written(d)
 
 
@@ -192,7 +196,28 @@ def test_no_checkpoints_in_the_models_folder(capsys, d):
     err = capsys.readouterr().err
     assert code == 2
     assert f"'{BASE}' not in []" in err and "ckpt_name" in err
+    assert f"Searched {empty.resolve()}: the file must be {empty / BASE}" in err and "--models-dir" in err
     assert_nothing_written(d)
+
+
+def test_models_folder_that_does_not_exist_is_named(capsys, d):
+    missing = d["tmp"] / "no_such_models"
+    code = cli.main(["validate", str(WORKFLOWS / "sdxl_base.json"), "--models-dir", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"Searched {missing} (does not exist): the file must be {missing / BASE}" in err
+
+
+def test_pickle_checkpoint_is_refused_not_missing(capsys, d):
+    models = d["tmp"] / "pickles"
+    models.mkdir()
+    (models / "sd_xl_base_1.0.ckpt").write_bytes(b"\x80\x02}q\x00.")  # a pickle; never loaded
+    code = cli.main(["validate", str(WORKFLOWS / "sdxl_base.json"), "--models-dir", str(models),
+                     "--set", "1.ckpt_name=sd_xl_base_1.0.ckpt"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{models / 'sd_xl_base_1.0.ckpt'} is a pickle file: pickles can run code when loaded, so they are refused" in err
+    assert "Searched" not in err
 
 
 def test_checkpoint_list_of_a_comfyui_models_folder(d):
@@ -203,15 +228,20 @@ def test_checkpoint_list_of_a_comfyui_models_folder(d):
 def test_width_not_a_multiple_of_8(capsys, d):
     code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1004")
     assert code == 2 and out == ""
-    assert "node 6 (SDXL Empty Latent), input 'width'" in err
-    assert "width 1004 not a multiple of 8; SDXL latents are 1/8 of the image size" in err
+    assert error_lines(err) == ["error: Prompt outputs failed validation",
+                                "  node 6 (SDXL Empty Latent), input 'width': Value 1004 not a multiple of 8: "
+                                "width: try 1000 or 1008"]
     assert_nothing_written(d)
 
 
-def test_custom_validation_error_is_printed_once(capsys, d):
-    code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.width=1004")
+def test_multiple_of_8_error_is_on_the_offending_widget_only(capsys, d):
+    code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.height=100",
+                       "--set", "6.width=0")
     assert code == 2
-    assert err.count("not a multiple of 8") == 1
+    assert error_lines(err)[1:] == [
+        "  node 6 (SDXL Empty Latent), input 'width': Value 0 smaller than min of 16: width",
+        "  node 6 (SDXL Empty Latent), input 'height': Value 100 not a multiple of 8: height: try 96 or 104",
+    ]
 
 
 def test_width_1000_runs(capsys, d):
@@ -237,6 +267,28 @@ def test_unknown_sampler_name_is_rejected(capsys, d):
     code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "7.sampler_name=euler_x")
     assert code == 2
     assert "input 'sampler_name': Value not in list" in err and "'euler_x'" in err
+
+
+def test_unknown_choice_names_the_closest_matches(capsys, d):
+    code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "7.sampler_name=eulr")
+    assert code == 2
+    line = next(x for x in err.splitlines() if "sampler_name" in x)
+    assert line.endswith("sampler_name: 'eulr' not in (list of length 21); did you mean 'euler'?"), line
+
+
+def test_unknown_input_name_in_set_lists_the_inputs(capsys, d):
+    code, out, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), "--set", "6.widht=256")
+    assert (code, out) == (2, "")
+    assert error_lines(err) == ["error: --set '6.widht=256': node 6 (SDXLEmptyLatent) has no input 'widht'; "
+                                "did you mean 'width'? Its inputs: width, height, batch_size"]
+    assert_nothing_written(d)
+
+
+def test_null_is_not_a_prompt(capsys, d):
+    code, _, err = run(capsys, d, "validate", str(WORKFLOWS / "sdxl_base.json"), "--set", "2.text_g=null")
+    assert code == 2
+    assert "node 2 (" in err and "input 'text_g': Failed to convert an input value to a STRING value" in err
+    assert "null is not a value" in err
 
 
 def test_refiner_checkpoint_in_the_base_workflow(capsys, d):
