@@ -224,7 +224,8 @@ class StopOnCtrlC:
         self.executor.interrupt()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # not on other threads, and not where SIGINT is ignored (a background job of a script)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self.previous = signal.signal(signal.SIGINT, self.handle)
         return self
 

@@ -393,3 +393,57 @@ def test_console_script_prints_no_traceback_for_a_user_error(script_run):
     proc, _ = script_run
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_ctrl_c_mid_sampling_stops_at_the_next_step_and_exits_130(tmp_path, models_dir):
+    """SIGINT to a real `sdxl-nodes run` while its sampler steps: one line, exit 130, no file written.
+
+    Catches: the executor on a worker thread with KeyboardInterrupt in the main thread (the KeyError
+    'result' + SIGABRT of issue 9), an interrupt that waits for the whole sampler, a partial save.
+    """
+    import signal
+    import threading
+    import time
+
+    script = Path(sys.executable).parent / "sdxl-nodes"
+    out_dir, temp_dir = tmp_path / "output", tmp_path / "temp"
+    argv = [str(script), "run", str(WORKFLOWS / "sdxl_base.json"), "--models-dir", str(models_dir),
+            "--input-dir", str(tmp_path / "input"), "--output-dir", str(out_dir), "--temp-dir", str(temp_dir),
+            "--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=1000"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    err = bytearray()
+
+    def pump():
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            err.extend(chunk)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while b"3/1000" not in err and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b"3/1000" in err, err.decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    reader.join(5)
+    out = proc.stdout.read()
+    text = err.decode()
+    assert proc.returncode == 130, text
+    assert out == b""
+    lines = [x for x in text.replace("\r", "\n").splitlines() if x.strip() and "%|" not in x]  # not tqdm
+    assert len(lines) == 1, text
+    assert lines[0].startswith("interrupted in node 7 (SDXL Base Sampler) at step "), lines
+    assert lines[0].endswith("; nothing was saved")
+    step = int(lines[0].split(" at step ")[1].split("/")[0])
+    assert 3 <= step < 1000  # stopped within the sampler, not after it
+    assert "Traceback" not in text and "KeyError" not in text
+    for folder in (out_dir, temp_dir):
+        assert not folder.exists() or list(folder.rglob("*")) == []
