@@ -21,6 +21,7 @@ from PIL import Image
 
 from sdxl_nodes.nodes import environment
 from sdxl_nodes.runtime import cli
+from sdxl_nodes.runtime.workflow import load_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -447,3 +448,95 @@ def test_ctrl_c_mid_sampling_stops_at_the_next_step_and_exits_130(tmp_path, mode
     assert "Traceback" not in text and "KeyError" not in text
     for folder in (out_dir, temp_dir):
         assert not folder.exists() or list(folder.rglob("*")) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Every PNG re-runs to its own pixels from either embedded chunk (issue 9 item 4)
+
+
+def rerun_chunks(capsys, d, png: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of `run` on the PNG's 'prompt' chunk and on its 'workflow' chunk (each as its own file)."""
+    info = Image.open(png).info
+    results = []
+    for chunk in ("prompt", "workflow"):
+        path = d["tmp"] / f"rerun_{chunk}.json"
+        path.write_text(info[chunk])
+        out = d["tmp"] / f"rerun_{chunk}"
+        code = cli.main(["run", str(path), "--models-dir", str(d["models"]), "--input-dir", str(d["input"]),
+                         "--output-dir", str(out), "--temp-dir", str(d["temp"])])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        (saved,) = sorted(out.rglob("*.png"))
+        results.append(np.asarray(Image.open(saved)))
+    return results[0], results[1]
+
+
+def test_demo_png_reruns_from_either_chunk_and_example_image_workflows_run(capsys, tmp_path):
+    """Catches the demo's size going into the prompt but not the UI workflow (1024² from 'workflow')."""
+    root = tmp_path / "demo"
+    assert cli.main(["demo", "--dir", str(root), "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"next: open the editor with `sdxl-nodes serve --models-dir {root / 'models'} " in out
+    (png,) = sorted((root / "output").glob("*.png"))
+    original = np.asarray(Image.open(png))
+    assert original.shape == (64, 64, 3)
+    workflow = json.loads(Image.open(png).info["workflow"])
+    latent = next(n for n in workflow["nodes"] if n["type"] == "SDXLEmptyLatent")
+    assert latent["widgets_values"][:2] == [64, 64]
+    d = {"models": root / "models", "input": root / "input", "temp": root / "temp", "tmp": tmp_path}
+    from_prompt, from_workflow = rerun_chunks(capsys, d, png)
+    assert np.array_equal(from_prompt, original) and np.array_equal(from_workflow, original)
+
+    # the example image the demo put in input/ is what the image workflows load, out of the box
+    # (validated here; running them is what tests/test_workflows_e2e.py does with the same file name)
+    assert (root / "input" / "example.png").read_bytes() == cli.EXAMPLE_IMAGE.read_bytes()
+    for name in ("sdxl_img2img", "sdxl_refine_image"):
+        code = cli.main(["validate", str(WORKFLOWS / f"{name}.json"), "--models-dir", str(root / "models"),
+                         "--input-dir", str(root / "input")])
+        assert code == 0, capsys.readouterr().err
+
+
+def test_run_set_png_reruns_from_either_chunk(capsys, d):
+    """Catches --set reaching the API prompt but not the embedded UI workflow."""
+    code, _, err = run(capsys, d, "run", str(WORKFLOWS / "sdxl_base.json"), *SMALL_BASE, "--set", "7.seed=5",
+                       "--set", "7.cfg=3.5")
+    assert code == 0, err
+    png = d["output"] / "sdxl_base_00001_.png"
+    nodes = {n["id"]: n for n in json.loads(Image.open(png).info["workflow"])["nodes"]}
+    assert nodes[6]["widgets_values"][:2] == [64, 64] and nodes[7]["widgets_values"][0] == 5
+    original = np.asarray(Image.open(png))
+    from_prompt, from_workflow = rerun_chunks(capsys, d, png)
+    assert np.array_equal(from_prompt, original) and np.array_equal(from_workflow, original)
+
+
+@pytest.mark.asyncio
+async def test_server_queued_png_reruns_from_either_chunk(aiohttp_client, capsys, d):
+    """A prompt queued over the HTTP API, as the editor does (prompt + extra_pnginfo.workflow)."""
+    import asyncio
+
+    from sdxl_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from sdxl_nodes.runtime.server import create_app
+
+    environment.configure(models_dir=d["models"], input_dir=d["input"], output_dir=d["output"], temp_dir=d["temp"])
+    info = cli.object_info_for(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+    loaded = load_workflow(WORKFLOWS / "sdxl_base.json", info)  # what the editor holds: both formats
+    edits = [*SMALL_BASE[1::2], "7.seed=11"]
+    cli.apply_overrides(loaded.prompt, edits, info)
+    cli.apply_overrides_to_ui(loaded.workflow, edits, info)
+    app = create_app(NODE_CLASS_MAPPINGS, display_names=NODE_DISPLAY_NAME_MAPPINGS, input_dir=d["input"],
+                     output_dir=d["output"], temp_dir=d["temp"], user_dir=d["tmp"] / "user")
+    client = await aiohttp_client(app)
+    r = await client.post("/api/prompt", json={"prompt": loaded.prompt, "client_id": "t",
+                                               "extra_data": {"extra_pnginfo": {"workflow": loaded.workflow}}})
+    assert r.status == 200, await r.text()
+    prompt_id = (await r.json())["prompt_id"]
+    for _ in range(600):
+        history = await (await client.get(f"/api/history/{prompt_id}")).json()
+        if prompt_id in history:
+            break
+        await asyncio.sleep(0.1)
+    assert history[prompt_id]["status"]["status_str"] == "success", history[prompt_id]["status"]
+    (png,) = sorted(d["output"].glob("*.png"))
+    original = np.asarray(Image.open(png))
+    from_prompt, from_workflow = rerun_chunks(capsys, d, png)
+    assert np.array_equal(from_prompt, original) and np.array_equal(from_workflow, original)
