@@ -540,3 +540,74 @@ async def test_server_queued_png_reruns_from_either_chunk(aiohttp_client, capsys
     original = np.asarray(Image.open(png))
     from_prompt, from_workflow = rerun_chunks(capsys, d, png)
     assert np.array_equal(from_prompt, original) and np.array_equal(from_workflow, original)
+
+
+# ------------------------------------------------------------------------------------------------
+# Small things: help, version, progress rate, one error family, the environment
+
+
+def test_help_lists_only_the_options_each_command_uses(capsys):
+    def help_of(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--help"])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+
+    validate, convert, demo = help_of("validate"), help_of("convert"), help_of("demo")
+    for unused in ("--output-dir", "--temp-dir", "--device", "--dtype", "--vae-dtype"):
+        assert unused not in validate and unused not in convert
+    assert "--models-dir" in validate and "--input-dir" in validate and "--models-dir" not in convert
+    assert "--output" in convert
+    demo_actions = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items()
+                        if a[0] == "demo")[1]._actions
+    assert all(a.help for a in demo_actions), [a.option_strings for a in demo_actions if not a.help]
+    assert "--dir" in demo and "--device" in demo
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"sdxl-nodes {version('sdxl-nodes')}\n"
+
+
+def test_progress_rate_counts_the_first_step_from_the_node_start():
+    """Catches the bar timing the first step from its own creation (issue 9: '59,074 step/s')."""
+    import time
+
+    progress = ConsoleProgressForTest()
+    progress("executing", {"node": "7"})
+    time.sleep(0.3)
+    progress("progress", {"node": "7", "value": 1, "max": 20})
+    rate = progress.bar.format_dict["rate"] or progress.bar.format_dict["n"] / progress.bar.format_dict["elapsed"]
+    assert 0.5 < rate < 4, rate  # one step in ≥ 0.3 s
+    progress.close_bar()
+
+
+def ConsoleProgressForTest():  # noqa: N802
+    return cli.ConsoleProgress({"7": {"class_type": "SDXLBaseSampler"}}, io.StringIO())
+
+
+def test_every_user_error_type_has_one_root():
+    from sdxl_nodes.runtime.workflow import WorkflowError
+    from sdxl_nodes.sdxl_core import errors
+
+    for cls in (environment.NodeInputError, WorkflowError, cli.CLIError, errors.CheckpointError,
+                errors.ConditioningError, errors.SamplingError, errors.SDXLError):
+        assert issubclass(cls, errors.UserError), cls
+    assert not issubclass(errors.Cancelled, errors.UserError)  # stopping is not bad input
+
+
+def test_environment_is_not_a_process_global(d):
+    """`use` scopes an environment; nothing is left behind once the block ends."""
+    a = environment.build(models_dir=d["models"], output_dir=d["tmp"] / "a")
+    b = environment.build(models_dir=d["models"], output_dir=d["tmp"] / "b")
+    with environment.use(a):
+        assert environment.current() is a
+        with environment.use(b):
+            assert environment.current() is b
+        assert environment.current() is a
+    assert environment.current() not in (a, b)
+    assert not hasattr(environment, "_current")
