@@ -377,9 +377,11 @@ def cmd_serve(args) -> int:
     from ..nodes.environment import free_models, system_info
     from . import server
 
-    build_environment(args)
+    env = build_environment(args)
     classes, names = node_pack()
-    return server.serve_from_cli(args, classes, names, system_info=system_info, on_free=free_models)
+    # the hooks run on the server's threads: give them the environment explicitly
+    return server.serve_from_cli(args, classes, names, system_info=lambda: system_info(env),
+                                 on_free=lambda body=None: free_models(body, env=env))
 
 
 # ------------------------------------------------------------------------------------------------

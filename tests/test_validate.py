@@ -264,12 +264,15 @@ def test_empty_latent_refuses_a_non_multiple_of_8_when_run_inside_comfyui():
 
 
 def test_null_literal_is_invalid_not_the_string_none():
+    """Catches str(None) == 'None' passing as a STRING (issue 9: `--set 2.text_g=null` validated)."""
     prompt = good_prompt()
-    prompt["2"]["inputs"]["b"] = None
+    prompt["3"] = n("StubSampler", base=["2", 0], seed=1, sampler_name="euler", scheduler="karras", text=None,
+                    enabled=True)
+    prompt["4"] = n("StubSaveText", value=["3", 0])
     ok, _, node_errors, _ = validate_prompt(prompt, CLASSES)
     assert not ok
-    (err,) = node_errors["2"]["errors"]
-    assert err["type"] == "invalid_input_type" and err["extra_info"]["input_name"] == "b"
+    (err,) = node_errors["3"]["errors"]
+    assert err["type"] == "invalid_input_type" and err["extra_info"]["input_name"] == "text"
 
 
 def test_unknown_combo_value_suggests_the_closest_choice():
