@@ -418,6 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None,
                         help="VAE precision (default: fp32 on CPU, bf16 on CUDA; never fp16, which gives NaNs)")
 
+    def unused(sp, *groups):
+        """Accept (so one set of folder options works with every command) but do not list options the
+        command ignores."""
+        hidden = argparse.ArgumentParser(add_help=False)
+        for group in groups:
+            group(hidden)
+        for action in hidden._actions:
+            sp.add_argument(*action.option_strings, default=action.default, choices=action.choices,
+                            help=argparse.SUPPRESS)
+
     for name, helptext, fn in (("run", "execute a workflow file (UI or API format, or a PNG)", cmd_run),
                                ("validate", "check a workflow without running it", cmd_validate),
                                ("convert", "print a workflow as an API prompt", cmd_convert)):
@@ -430,8 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
             output_and_device(sp)
         elif name == "validate":  # checkpoint and image names are checked against these folders
             models_and_input(sp)
+            unused(sp, output_and_device)
         else:
             sp.add_argument("-o", "--output", help="write the API prompt here instead of stdout")
+            unused(sp, models_and_input, output_and_device)
         sp.set_defaults(func=fn)
 
     sp = sub.add_parser("serve", help="serve the ComfyUI editor on our own API")
