@@ -93,7 +93,8 @@ class ExecutionResult:
     messages: list[tuple[str, dict]] = field(default_factory=list)
     meta: dict[str, dict] = field(default_factory=dict)
     exception: BaseException | None = None
-    """The exception a failed node raised (callers tell user errors from bugs by its type)."""
+    """The exception a failed node raised, without its traceback (callers tell user errors from bugs
+    by its type; the formatted traceback is in ``error``)."""
 
     @property
     def success(self) -> bool:
@@ -471,9 +472,9 @@ class _Run:
                 self.set_state(nid, "error")
                 current = {k: [_format_value(v)] for k, v in kwargs.items()
                            if not isinstance(v, ProgressReporter)}
-                self.result.exception = e
-                return self.fail(nid, node["class_type"], str(e), full_type_name(type(e)),
-                                 traceback.format_tb(e.__traceback__), current)
+                tb = traceback.format_tb(e.__traceback__)
+                self.result.exception = e.with_traceback(None)  # keep no frames (and their tensors) alive
+                return self.fail(nid, node["class_type"], str(e), full_type_name(type(e)), tb, current)
             self.values[nid] = outputs
             cache[self.signatures[nid]] = _CacheEntry(outputs, ui)
             self.result.executed.append(nid)
