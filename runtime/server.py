@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import io
 import json
@@ -1477,7 +1478,9 @@ class BackgroundServer:
             loop.run_until_complete(self._runner.cleanup())
             loop.close()
 
-        self._thread = threading.Thread(target=target, name="sdxl-nodes-server", daemon=True)
+        # the server thread runs in the starter's context: what it set there (the nodes' environment) holds
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(target,),
+                                        name="sdxl-nodes-server", daemon=True)
         self._thread.start()
         if not ready.wait(timeout):
             raise TimeoutError(f"the server did not start within {timeout} s")
