@@ -1,30 +1,43 @@
 """Where the nodes find files and models: the folders, the device policy and the model manager.
 
-Standalone (`sdxl-nodes run|serve`) the CLI calls `configure(...)` once. Inside ComfyUI nothing
-calls it, and the first use builds an environment from ComfyUI's `folder_paths` (checkpoint list,
-input/output/temp folders) and ComfyUI's torch device.
+An :class:`Environment` is an object, not module state. Whoever runs nodes builds one and makes
+it the current one for the code it runs, in a context variable:
+
+* standalone, the CLI builds it from its options (`configure(...)` = build + make current) for
+  `run`, `validate` and `serve`; the executor runs every prompt in the context it was created in
+  (``runtime.executor``), so the environment reaches the nodes on the server's worker thread too;
+* a test or a Python caller writes ``with use(Environment.from_folders(...)):`` (or `configure`);
+* inside ComfyUI nobody sets one and `current()` answers with an adapter over ComfyUI's
+  `folder_paths` (checkpoint list, input/output/temp folders) and ComfyUI's torch device, built
+  once because ComfyUI owns those folders for the whole process.
+
+Nodes ask `current()` when they run (and `INPUT_TYPES` when it lists files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
-import os
 import sys
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import inside
 from ..runtime.limits import DEFAULT_LIMITS, Limits  # a torch-free leaf module, like paths.py
+from ..sdxl_core.errors import UserError
 from ..sdxl_core.memory import ModelManager, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class NodeInputError(ValueError):
+class NodeInputError(UserError, ValueError):
     """A widget value the node cannot use (a missing file, a refiner wired into the base sampler…)."""
 
 
@@ -63,11 +76,25 @@ class Environment:
             p = inside(d, name, resolve_links=False)  # a linked model file is the user's own choice
             if p is not None and p.is_file():
                 return p
-        where = ", ".join(str(d) for d in self.checkpoint_dirs) or "(no models folder configured)"
-        raise NodeInputError(
-            f"checkpoint '{name}' not found in {where}. Put the file there or pass --models-dir "
-            "(a folder with the .safetensors files, or a ComfyUI models/ folder)."
-        )
+        raise NodeInputError(f"checkpoint '{name}' not found. {self.explain_checkpoint(name)}")
+
+    def explain_checkpoint(self, name: str) -> str:
+        """Why ``name`` is not a usable checkpoint here: where we looked and what to do."""
+        found = [p for d in self.checkpoint_dirs if (p := inside(d, name, resolve_links=False)) and p.is_file()]
+        if name.lower().endswith(PICKLE_EXTENSIONS) and found:
+            return (f"{found[0]} is a pickle file: pickles can run code when loaded, so they are refused. "
+                    "Use the .safetensors release of the model (sd_xl_base_1.0.safetensors / "
+                    "sd_xl_refiner_1.0.safetensors) or convert the file in a trusted environment.")
+        if not self.checkpoint_dirs:
+            return "No models folder is configured: pass --models-dir."
+        where = []
+        for d in self.checkpoint_dirs:
+            state = "" if d.is_dir() else " (does not exist)"
+            where.append(f"{d.resolve() if d.is_dir() else d}{state}")
+        first = self.checkpoint_dirs[0]
+        remedy = ("or add its folder to ComfyUI's extra_model_paths.yaml" if self.inside_comfyui else
+                  "or pass --models-dir with the folder that holds it (or a ComfyUI models/ folder)")
+        return f"Searched {', '.join(where)}: the file must be {first / name} (a .safetensors file), {remedy}."
 
     # -- images ------------------------------------------------------------------------------------
     def input_images(self) -> list[str]:
@@ -82,15 +109,14 @@ class Environment:
         """The file `name` in the input folder; symlinks are resolved, so one pointing out of it is refused."""
         p = inside(self.input_dir, name) if isinstance(name, str) else None
         if p is None or not p.is_file():
-            raise NodeInputError(f"image '{name}' not found in the input folder {os.path.abspath(self.input_dir)}")
+            raise NodeInputError(f"image '{name}' not found in the input folder {self.input_dir.absolute()}")
         return p
 
 
-_lock = threading.Lock()
-_current: Environment | None = None
+_ACTIVE: contextvars.ContextVar[Environment | None] = contextvars.ContextVar("sdxl_nodes_environment", default=None)
 
 
-def configure(
+def build(
     *,
     models_dir: str | Path | None = None,
     input_dir: str | Path = "input",
@@ -99,14 +125,13 @@ def configure(
     options: RuntimeOptions | None = None,
     limits: Limits | None = None,
 ) -> Environment:
-    """Set the process's environment (the CLI's job). Returns it."""
-    global _current
+    """An environment over these folders (a ComfyUI ``models/`` folder or the checkpoints themselves)."""
     dirs: list[Path] = []
     if models_dir is not None:
         m = Path(models_dir)
         dirs = [m / "checkpoints"] if (m / "checkpoints").is_dir() else [m]  # a ComfyUI models/ folder, or the files
     out = Path(output_dir)
-    env = Environment(
+    return Environment(
         checkpoint_dirs=dirs,
         input_dir=Path(input_dir),
         output_dir=out,
@@ -114,11 +139,26 @@ def configure(
         manager=ModelManager(options or RuntimeOptions()),
         limits=limits or DEFAULT_LIMITS,
     )
-    with _lock:
-        _current = env
+
+
+@contextlib.contextmanager
+def use(env: Environment) -> Iterator[Environment]:
+    """Make ``env`` the current environment for the code run inside the ``with`` block."""
+    token = _ACTIVE.set(env)
+    try:
+        yield env
+    finally:
+        _ACTIVE.reset(token)
+
+
+def configure(**folders) -> Environment:
+    """`build(**folders)` and make it current in the caller's context (the CLI's command, a test)."""
+    env = build(**folders)
+    _ACTIVE.set(env)
     return env
 
 
+@functools.lru_cache(maxsize=1)
 def _from_comfyui() -> Environment:
     import folder_paths
 
@@ -140,29 +180,25 @@ def _from_comfyui() -> Environment:
 
 
 def current() -> Environment:
-    """The configured environment; inside ComfyUI one built from `folder_paths`; else the defaults."""
-    global _current
-    with _lock:
-        if _current is None:
-            if "folder_paths" in sys.modules:
-                _current = _from_comfyui()
-            else:
-                _current = Environment(
-                    checkpoint_dirs=[Path("models/checkpoints")],
-                    input_dir=Path("input"),
-                    output_dir=Path("output"),
-                    temp_dir=Path("temp"),
-                    manager=ModelManager(RuntimeOptions()),
-                )
-        return _current
+    """The environment of the running code: the one set by `use`/`configure`; inside ComfyUI its folders.
+
+    With neither (a bare ``import`` of the nodes, e.g. to list their schemas) it is the default
+    folders under the working directory, built afresh each time.
+    """
+    env = _ACTIVE.get()
+    if env is not None:
+        return env
+    if "folder_paths" in sys.modules:
+        return _from_comfyui()
+    return build(models_dir="models")
 
 
-def system_info() -> dict:
+def system_info(env: Environment | None = None) -> dict:
     """What /api/system_stats reports about the compute device (the editor's About panel)."""
     import psutil
     import torch
 
-    env = current()
+    env = env or current()
     device = torch.device(env.manager.options.device)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -177,6 +213,6 @@ def system_info() -> dict:
     }
 
 
-def free_models(_body: dict | None = None) -> None:
+def free_models(_body: dict | None = None, *, env: Environment | None = None) -> None:
     """/api/free: unload every resident network (they load again on next use)."""
-    current().manager.unload_all()
+    (env or current()).manager.unload_all()

@@ -31,6 +31,11 @@ def _checkpoint_names() -> list[str]:
     ),
 ))
 class CheckpointLoader:
+    @classmethod
+    def EXPLAIN_CHOICE(cls, input_name, value):  # noqa: N802 - read by our validator; ComfyUI ignores it
+        """Where a checkpoint name that is not in the list was looked for (the validator's hint)."""
+        return current().explain_checkpoint(str(value)) if input_name == "ckpt_name" else None
+
     def run(self, ckpt_name):
         env = current()
         path = str(env.checkpoint_path(ckpt_name))

@@ -22,23 +22,22 @@ HIDDEN = {"progress": "SDXL_PROGRESS", "unique_id": "UNIQUE_ID"}
     description="An empty (all-zero) latent batch to start text-to-image from. SDXL works best near 1024×1024 "
                 "pixels (e.g. 1024×1024, 1152×896, 1216×832).",
     inputs=(
+        # No VALIDATE_INPUTS: ComfyUI skips its min/max checks for every input such a function names
+        # (execution.py validate_inputs) and shows its message on all of them. `multiple_of` is checked
+        # by our validator on the offending input alone; inside ComfyUI, run() says it.
         Int("width", "Image width in pixels; must be a multiple of 8.", default=1024, min=16, max=MAX_RESOLUTION,
-            step=8),
+            step=8, multiple_of=8),
         Int("height", "Image height in pixels; must be a multiple of 8.", default=1024, min=16, max=MAX_RESOLUTION,
-            step=8),
+            step=8, multiple_of=8),
         Int("batch_size", "How many images to generate at once.", default=1, min=1, max=4096),
     ),
     outputs=(Output("LATENT", "LATENT", "An all-zero latent of shape [batch, 4, height/8, width/8]."),),
 ))
 class EmptyLatent:
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height, batch_size):  # noqa: N802 - ComfyUI's name
-        bad = [f"{n} {v}" for n, v in (("width", width), ("height", height)) if int(v) % 8]
-        if bad:
-            return f"{' and '.join(bad)} not a multiple of 8; SDXL latents are 1/8 of the image size"
-        return True
-
     def run(self, width, height, batch_size):
+        bad = [f"{n} {v}" for n, v in (("width", width), ("height", height)) if v % 8]
+        if bad:
+            raise NodeInputError(f"{' and '.join(bad)} not a multiple of 8; SDXL latents are 1/8 of the image size")
         return ({"samples": torch.zeros([batch_size, 4, height // 8, width // 8])},)
 
 

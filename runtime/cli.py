@@ -7,14 +7,18 @@
     sdxl-nodes demo                                         # tiny random checkpoints, whole pipeline
 
 This module is the only place that parses arguments; it loads the node pack (and so torch) only for
-the commands that need it.
+the commands that need it. Workflows run on the main thread; Ctrl-C asks the executor to stop at the
+next sampler step (a second Ctrl-C stops at once), nothing half-written is left and the exit code is 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -22,20 +26,39 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..sdxl_core.errors import UserError
+from .limits import parse_limits
 from .validate import unsupported_message, validate_prompt
-from .workflow import LoadedWorkflow, WorkflowError, load_workflow
+from .workflow import LoadedWorkflow, load_workflow
 
 PYTHON_MODULE = "custom_nodes.sdxl-nodes"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = PACKAGE_ROOT / "workflows"
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
-# exception types that mean "the input was wrong" (their message says what to do; no traceback)
-USER_ERROR_TYPES = ("NodeInputError", "CheckpointError", "ConditioningError", "SamplingError", "SDXLError")
+EXAMPLE_IMAGE = Path(__file__).resolve().parent / "data" / "example.png"
 
 
-class CLIError(Exception):
-    """A user error: printed as one message, exit code 2."""
+class CLIError(UserError):
+    """A bad command line: printed as one message, exit code 2."""
+
+
+def prefer_passive_openmp() -> None:
+    """Make OpenMP's idle threads sleep instead of spinning; call before torch is imported.
+
+    PyTorch's CPU build runs its kernels on a GNU OpenMP team as wide as the machine. By default
+    libgomp lets a thread that finished its share of an operator busy-wait (up to 300,000 spins)
+    for the others; it throttles that to 100 spins only when it manages more threads than there
+    are CPUs. A UNet step is thousands of small operators, so when the team fills every core and
+    anything else wants a core (another process, our event loop, the progress bar), the spinning
+    thread burns the time slice the straggler needs: measured 10x slower (issue 9; profile: the
+    sampler's thread in libgomp's barrier). `demo` was fast only by accident: it wrote its
+    checkpoints on the main thread first, which left a second OpenMP team and so throttled spinning.
+    libgomp reads its settings once, when torch loads it, so this must run before ``import torch``;
+    a value the user set wins. Inside ComfyUI, ComfyUI owns the process and this is not called.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,25 +88,32 @@ def object_info_for(classes, names) -> dict:
     return object_info(classes, PYTHON_MODULE, display_names=names)
 
 
-def configure_environment(args) -> None:
+def build_environment(args):
+    """The folders and model manager the nodes use, from the command line."""
     from ..nodes.environment import configure
     from ..sdxl_core.memory import DTYPES, RuntimeOptions
 
     options = RuntimeOptions(
-        device=args.device,
-        unet_dtype=DTYPES[args.dtype] if args.dtype else None,
-        text_dtype=DTYPES[args.dtype] if args.dtype else None,
-        vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None,
+        device=getattr(args, "device", "cpu"),
+        unet_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
+        text_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
+        vae_dtype=DTYPES[args.vae_dtype] if getattr(args, "vae_dtype", None) else None,
     )
-    configure(models_dir=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-              temp_dir=args.temp_dir, options=options)
+    try:
+        limits = parse_limits(getattr(args, "limit", None))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return configure(models_dir=args.models_dir, input_dir=getattr(args, "input_dir", "input"),
+                     output_dir=getattr(args, "output_dir", "output"), temp_dir=getattr(args, "temp_dir", None),
+                     options=options, limits=limits)
 
 
 # ------------------------------------------------------------------------------------------------
 # --set NODE_ID.INPUT=VALUE
 
 
-def apply_overrides(prompt: dict, overrides: list[str]) -> None:
+def apply_overrides(prompt: dict, overrides: list[str], info: dict | None = None) -> None:
+    """Apply ``--set`` items to an API prompt; ``info`` (object_info) lets unknown input names fail."""
     for item in overrides:
         target, sep, raw = item.partition("=")
         node_id, dot, name = target.partition(".")
@@ -93,6 +123,14 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> None:
             raise CLIError(f"--set {item!r}: no node with id {node_id!r}; ids in this workflow: "
                            f"{', '.join(sorted(prompt, key=lambda k: (len(k), k)))}")
         inputs = prompt[node_id].setdefault("inputs", {})
+        node_def = (info or {}).get(prompt[node_id].get("class_type"))
+        if node_def is not None:
+            known = [n for section in ("required", "optional") for n in (node_def.get("input") or {}).get(section) or {}]
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise CLIError(f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input "
+                               f"{name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                               + f" Its inputs: {', '.join(known)}")
         if isinstance(inputs.get(name), list):
             raise CLIError(f"--set {item!r}: input {name!r} of node {node_id} is connected to another node; "
                            "only widget values can be set")
@@ -131,6 +169,9 @@ class ConsoleProgress:
         self.prompt, self.out = prompt, out or sys.stdout
         self.bar = None
         self.bar_node = None
+        self.node_started: dict[str, float] = {}
+        self.current_node: str | None = None
+        self.last_progress: tuple[float, float] | None = None
         self.saved: list[str] = []
         self.output_dir: Path | None = None
 
@@ -148,15 +189,23 @@ class ConsoleProgress:
             from tqdm import tqdm
 
             node = data.get("node")
+            self.last_progress = (data["value"], data["max"])
             if self.bar is None or self.bar_node != node:
                 self.close_bar()
                 self.bar = tqdm(total=data["max"], desc=f"{self.title(node)} [{node}]", unit="step", file=sys.stderr,
                                 leave=True, dynamic_ncols=True)
+                # The first event arrives after the first step: time the bar from the node's start,
+                # not from now, or the first update divides one step by ~0 s.
+                self.bar.start_t = self.node_started.get(node, self.bar.start_t)
                 self.bar_node = node
             self.bar.n = data["value"]
             self.bar.refresh()
         elif event == "executing":
-            if data.get("node") != self.bar_node:
+            node = data.get("node")
+            self.current_node, self.last_progress = node, None
+            if node is not None:
+                self.node_started[node] = time.time()  # tqdm's clock
+            if node != self.bar_node:
                 self.close_bar()
         elif event == "executed":
             for img in (data.get("output") or {}).get("images", []):
@@ -169,7 +218,38 @@ class ConsoleProgress:
             self.close_bar()
 
 
-def execute(loaded: LoadedWorkflow, args, *, out=None) -> int:
+class StopOnCtrlC:
+    """While a workflow runs on the main thread: Ctrl-C asks the executor to stop at the next step.
+
+    The handler only sets the executor's flag (the sampler checks it at every step and the executor
+    between nodes, so nothing is half-written); a second Ctrl-C ends the process at once with 130.
+    Outside the main thread (an embedding application) nothing is installed.
+    """
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.requested = False
+        self.previous = None
+
+    def handle(self, _signum, _frame) -> None:
+        if self.requested:
+            os.write(2, b"\ninterrupted again: stopping now\n")
+            os._exit(EXIT_INTERRUPTED)
+        self.requested = True
+        self.executor.interrupt()
+
+    def __enter__(self):
+        # not on other threads, and not where SIGINT is ignored (a background job of a script)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def execute(loaded: LoadedWorkflow, args, *, out=None, env=None) -> int:
     """Validate and run a loaded workflow with our node pack; returns the exit code."""
     out = out or sys.stdout
     from .executor import Executor
@@ -180,39 +260,32 @@ def execute(loaded: LoadedWorkflow, args, *, out=None) -> int:
     if unsupported:
         print(f"error: {unsupported}", file=sys.stderr)
         return EXIT_INVALID
-    ok, error, node_errors, outputs = validate_prompt(prompt, classes)
+    limits = env.limits if env is not None else None
+    ok, error, node_errors, outputs = validate_prompt(prompt, classes, limits=limits)
     if not ok:
         print(format_errors(error, node_errors, prompt), file=sys.stderr)
         return EXIT_INVALID
     progress = ConsoleProgress(prompt, out)
     progress.output_dir = Path(args.output_dir)
     executor = Executor(classes, on_event=progress)
-    result_box: dict = {}
-
-    def work():
-        result_box["result"] = executor.execute(prompt, str(uuid.uuid4()), extra_data=loaded.default_extra_data(),
-                                                outputs=outputs)
-
     t0 = time.perf_counter()
-    worker = threading.Thread(target=work, name="sdxl-nodes-run", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.2)
-    except KeyboardInterrupt:
-        print("interrupting (the current sampler stops after this step)…", file=sys.stderr)
-        executor.interrupt()
-        worker.join()
-    result = result_box["result"]
+    with StopOnCtrlC(executor):
+        result = executor.execute(prompt, str(uuid.uuid4()), extra_data=loaded.default_extra_data(), outputs=outputs)
     seconds = time.perf_counter() - t0
     if result.status == "success":
         print(f"done in {seconds:.1f} s: {len(progress.saved)} image(s) saved", file=out)
         return EXIT_OK
     if result.status == "interrupted":
-        print("interrupted; nothing more was saved", file=sys.stderr)
+        err = result.error or {}
+        node = err.get("node_id")
+        step = f" at step {progress.last_progress[0]:g}/{progress.last_progress[1]:g}" if (
+            progress.last_progress and progress.current_node == node) else ""
+        saved = f"{len(progress.saved)} image(s) saved before" if progress.saved else "nothing was saved"
+        print(f"interrupted in node {node} ({progress.title(node)}){step} after {seconds:.1f} s; {saved}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     err = result.error or {}
-    if not err.get("exception_type", "").endswith(USER_ERROR_TYPES):  # a bug, not bad input: show where
+    if not isinstance(result.exception, UserError):  # a bug, not bad input: show where
         print("".join(err.get("traceback") or []), file=sys.stderr, end="")
     print(f"error in node {err.get('node_id')} ({err.get('node_type')}): {err.get('exception_message')}",
           file=sys.stderr)
@@ -223,7 +296,7 @@ def load(args) -> LoadedWorkflow:
     classes, names = node_pack()
     info = object_info_for(classes, names)
     loaded = load_workflow(args.file, info)
-    apply_overrides(loaded.prompt, args.set or [])
+    apply_overrides(loaded.prompt, args.set or [], info)
     if loaded.workflow is not None:
         apply_overrides_to_ui(loaded.workflow, args.set or [], info)
     return loaded
@@ -254,19 +327,19 @@ def apply_overrides_to_ui(workflow: dict, overrides: list[str], info: dict) -> N
 
 
 def cmd_run(args) -> int:
-    configure_environment(args)
-    return execute(load(args), args)
+    env = build_environment(args)
+    return execute(load(args), args, env=env)
 
 
 def cmd_validate(args) -> int:
-    configure_environment(args)
+    env = build_environment(args)
     loaded = load(args)
     classes, _ = node_pack()
     unsupported = unsupported_message(args.file, loaded.prompt, classes)
     if unsupported:
         print(f"error: {unsupported}", file=sys.stderr)
         return EXIT_INVALID
-    ok, error, node_errors, outputs = validate_prompt(loaded.prompt, classes)
+    ok, error, node_errors, outputs = validate_prompt(loaded.prompt, classes, limits=env.limits)
     if not ok:
         print(format_errors(error, node_errors, loaded.prompt), file=sys.stderr)
         return EXIT_INVALID
@@ -277,7 +350,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    configure_environment(args)
     loaded = load(args)
     text = json.dumps(loaded.prompt, indent=2)
     if args.output:
@@ -285,6 +357,14 @@ def cmd_convert(args) -> int:
     else:
         print(text)
     return EXIT_OK
+
+
+# widgets the demo sets to its --size, per node type (the shipped workflow is drawn for 1024²)
+DEMO_SIZE_WIDGETS = {
+    "SDXLEmptyLatent": ("width", "height"),
+    "SDXLSizeCropConditioning": ("width", "height", "target_width", "target_height"),
+    "SDXLRefinerConditioning": ("width", "height"),
+}
 
 
 def cmd_demo(args) -> int:
@@ -297,19 +377,26 @@ def cmd_demo(args) -> int:
     print(f"wrote tiny random base + refiner checkpoints to {models} ({time.perf_counter() - t0:.1f} s)")
     args.models_dir, args.output_dir = str(root / "models"), str(root / "output")
     args.input_dir, args.temp_dir = str(root / "input"), str(root / "temp")
+    example = Path(args.input_dir) / EXAMPLE_IMAGE.name
+    if not example.exists():  # what the img2img and refine-image workflows load
+        example.parent.mkdir(parents=True, exist_ok=True)
+        example.write_bytes(EXAMPLE_IMAGE.read_bytes())
     args.file = str(WORKFLOWS_DIR / "sdxl_base_refiner.json")
-    configure_environment(args)
+    env = build_environment(args)
+    # Small and quick (the tiny networks draw noise-like pictures at any size). The sizes go in as
+    # --set items, so the UI workflow embedded in the PNG gets them too and re-runs to the same pixels.
+    classes, names = node_pack()
+    prompt = load_workflow(args.file, object_info_for(classes, names)).prompt
+    args.set = [f"{nid}.{k}={args.size}" for nid, node in prompt.items()
+                for k in DEMO_SIZE_WIDGETS.get(node["class_type"], ()) if k in node["inputs"]]
     loaded = load(args)
-    # small and quick: the tiny networks draw noise-like pictures at any size
-    for node in loaded.prompt.values():
-        if node["class_type"] == "SDXLEmptyLatent":
-            node["inputs"].update(width=args.size, height=args.size)
-        if node["class_type"] in ("SDXLSizeCropConditioning", "SDXLRefinerConditioning"):
-            for k in ("width", "height", "target_width", "target_height"):
-                if k in node["inputs"]:
-                    node["inputs"][k] = args.size
     print(f"running {args.file} at {args.size}×{args.size} (random weights: expect noise, not art)")
-    return execute(loaded, args)
+    code = execute(loaded, args, env=env)
+    if code == EXIT_OK:
+        folders = f"--models-dir {root / 'models'} --input-dir {root / 'input'} --output-dir {root / 'output'}"
+        print(f"next: open the editor with `sdxl-nodes serve {folders}`, or run another shipped workflow, "
+              f"e.g. `sdxl-nodes run {WORKFLOWS_DIR / 'sdxl_img2img.json'} {folders}`")
+    return code
 
 
 def cmd_serve(args) -> int:
@@ -321,40 +408,79 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise CLIError("the editor bundle (comfyui-frontend-package) is not installed: "
                        "pip install 'sdxl-nodes[editor]'") from None
-    configure_environment(args)
+    env = build_environment(args)
     classes, names = node_pack()
-    return server.serve_from_cli(args, classes, names, system_info=system_info, on_free=free_models)
+    # the hooks run on the server's threads: give them the environment explicitly
+    return server.serve_from_cli(args, classes, names, system_info=lambda: system_info(env),
+                                 on_free=lambda body=None: free_models(body, env=env))
 
 
 # ------------------------------------------------------------------------------------------------
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdxl-nodes")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxl-nodes", description="SDXL base + refiner as workflow nodes.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def folders(sp, default_models="models"):
-        sp.add_argument("--models-dir", default=default_models,
+    def models_and_input(sp):
+        sp.add_argument("--models-dir", default="models",
                         help="folder with the checkpoints, or a ComfyUI models/ folder (default: ./models)")
         sp.add_argument("--input-dir", default="input", help="folder of input images (default: ./input)")
+
+    def output_and_device(sp):
         sp.add_argument("--output-dir", default="output", help="where images are saved (default: ./output)")
         sp.add_argument("--temp-dir", default=None, help="previews (default: <output-dir>/../temp)")
+        device(sp)
+
+    def device(sp):
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
         sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="UNet and text encoder precision (default: fp32 on CPU, fp16 on CUDA)")
         sp.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None,
                         help="VAE precision (default: fp32 on CPU, bf16 on CUDA; never fp16, which gives NaNs)")
 
+    def limit(sp):
+        sp.add_argument("--limit", action="append", metavar="NAME=VALUE", help="change one limit of runtime/limits.py, "
+                        "e.g. --limit image_pixels=100000000 (repeatable)")
+
+    def unused(sp, *groups):
+        """Accept (so one set of folder options works with every command) but do not list options the
+        command ignores."""
+        hidden = argparse.ArgumentParser(add_help=False)
+        for group in groups:
+            group(hidden)
+        for action in hidden._actions:
+            sp.add_argument(*action.option_strings, default=action.default, choices=action.choices,
+                            help=argparse.SUPPRESS)
+
     for name, helptext, fn in (("run", "execute a workflow file (UI or API format, or a PNG)", cmd_run),
                                ("validate", "check a workflow without running it", cmd_validate),
                                ("convert", "print a workflow as an API prompt", cmd_convert)):
-        sp = sub.add_parser(name, help=helptext)
+        sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("file", help="workflow .json or a .png saved with its workflow")
         sp.add_argument("--set", action="append", metavar="NODE_ID.INPUT=VALUE",
-                        help="change a widget value before running (repeatable), e.g. --set 12.seed=42")
-        folders(sp)
-        if name == "convert":
+                        help="change a widget value first (repeatable), e.g. --set 12.seed=42")
+        if name in ("run", "validate"):
+            limit(sp)
+        if name == "run":
+            models_and_input(sp)
+            output_and_device(sp)
+        elif name == "validate":  # checkpoint and image names are checked against these folders
+            models_and_input(sp)
+            unused(sp, output_and_device)
+        else:
             sp.add_argument("-o", "--output", help="write the API prompt here instead of stdout")
+            unused(sp, models_and_input, output_and_device)
         sp.set_defaults(func=fn)
 
     sp = sub.add_parser("serve", help="serve the ComfyUI editor on our own API")
@@ -365,36 +491,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "is not a loopback address); the printed URL carries it")
     sp.add_argument("--allow-host", action="append", metavar="NAME", help="also answer requests for this host "
                     "name (besides localhost and IP addresses; repeatable)")
-    sp.add_argument("--limit", action="append", metavar="NAME=VALUE", help="change one limit of runtime/limits.py, "
-                    "e.g. --limit image_pixels=100000000 (repeatable)")
-    folders(sp)
+    limit(sp)
+    models_and_input(sp)
+    output_and_device(sp)
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("demo", help="write tiny random checkpoints and run the shipped base + refiner workflow")
-    sp.add_argument("--dir", default="sdxl-nodes-demo", help="folder for the demo's models and outputs")
+    sp.add_argument("--dir", default="sdxl-nodes-demo",
+                    help="folder for the demo's models/, input/, output/ and temp/ (default: ./sdxl-nodes-demo)")
     sp.add_argument("--size", type=int, default=256, help="image size for the demo (default: 256)")
-    sp.add_argument("--device", default="cpu")
-    sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
-    sp.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None)
+    device(sp)
     sp.set_defaults(func=cmd_demo, set=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_passive_openmp()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (CLIError, WorkflowError) as e:
+    except UserError as e:  # the message says what to change: no traceback
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except Exception as e:  # noqa: BLE001 - a clear one-line error, never a bare traceback, for user errors
-        from ..sdxl_core.errors import SDXLError
-
-        if isinstance(e, SDXLError) or type(e).__name__ == "NodeInputError":
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_INVALID
-        raise
+    except KeyboardInterrupt:  # Ctrl-C before or after a run (during one, StopOnCtrlC handles it)
+        print("interrupted; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ prompt's worth of outputs. Changing a seed therefore re-runs the sampler and wha
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import inspect
 import io
@@ -91,6 +92,9 @@ class ExecutionResult:
     error: dict | None = None
     messages: list[tuple[str, dict]] = field(default_factory=list)
     meta: dict[str, dict] = field(default_factory=dict)
+    exception: BaseException | None = None
+    """The exception a failed node raised, without its traceback (callers tell user errors from bugs
+    by its type; the formatted traceback is in ``error``)."""
 
     @property
     def success(self) -> bool:
@@ -154,7 +158,9 @@ class Executor:
     """Runs API prompts through a ``{class_type: NodeClass}`` mapping; keeps a cache between runs.
 
     One prompt runs at a time (concurrent calls wait). ``interrupt()`` may be called from any
-    thread. Node exceptions never escape ``execute``: they become an ``execution_error`` event and
+    thread. Every prompt runs in (a copy of) the ``contextvars`` context the executor was created
+    in, so what its creator set there (the nodes' environment: folders, model manager) reaches the
+    nodes on whatever thread ``execute`` is called from; nothing is passed through module globals. Node exceptions never escape ``execute``: they become an ``execution_error`` event and
     a result with ``status == "error"``; the executor stays usable.
     """
 
@@ -164,6 +170,7 @@ class Executor:
         self._interrupt = threading.Event()
         self._run_lock = threading.Lock()
         self._cache: dict[str, _CacheEntry] = {}
+        self._context = contextvars.copy_context()
 
     def interrupt(self) -> None:
         """Ask the running prompt to stop at its next check (between nodes, or a reporter call)."""
@@ -192,7 +199,8 @@ class Executor:
         with self._run_lock:
             self._interrupt.clear()
             run = _Run(self, prompt, str(prompt_id), dict(extra_data or {}))
-            return run.execute(None if outputs is None else [str(o) for o in outputs])
+            targets = None if outputs is None else [str(o) for o in outputs]
+            return self._context.copy().run(run.execute, targets)
 
 
 class _Run:
@@ -469,8 +477,9 @@ class _Run:
                 self.set_state(nid, "error")
                 current = {k: [_format_value(v)] for k, v in kwargs.items()
                            if not isinstance(v, ProgressReporter)}
-                return self.fail(nid, node["class_type"], str(e), full_type_name(type(e)),
-                                 traceback.format_tb(e.__traceback__), current)
+                tb = traceback.format_tb(e.__traceback__)
+                self.result.exception = e.with_traceback(None)  # keep no frames (and their tensors) alive
+                return self.fail(nid, node["class_type"], str(e), full_type_name(type(e)), tb, current)
             self.values[nid] = outputs
             cache[self.signatures[nid]] = _CacheEntry(outputs, ui)
             self.result.executed.append(nid)

@@ -33,3 +33,22 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def parse_limits(options: list[str] | None, base: Limits = DEFAULT_LIMITS) -> Limits:
+    """``["image_pixels=100000000", ...]`` applied to ``base``; ValueError names what is wrong."""
+    names = [f.name for f in dataclasses.fields(Limits)]
+    changes: dict[str, int] = {}
+    for option in options or ():
+        name, sep, value = option.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            raise ValueError(f"--limit {option!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+        try:
+            number = int(value.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(f"--limit {option!r}: the value must be a whole number") from None
+        if number < 1:
+            raise ValueError(f"--limit {option!r}: the value must be at least 1")
+        changes[name] = number
+    return base.replace(**changes)

@@ -19,11 +19,17 @@ direction of reporting more and crashing less: every error of every node is coll
 dangling links and bad output indices are ``bad_linked_input`` (ComfyUI raises); cycles are
 ``dependency_cycle`` on each node of the cycle (ComfyUI only finds them while running); all
 unknown node types are listed (ComfyUI stops at the first); BOOLEAN accepts the strings
-``"true"``/``"false"`` and rejects other strings (ComfyUI's ``bool("false")`` is True).
+``"true"``/``"false"`` and rejects other strings (ComfyUI's ``bool("false")`` is True); a JSON
+``null`` literal is ``invalid_input_type`` (ComfyUI would turn it into the string ``"None"``); an
+unknown combo value's details add the closest choices and, where the node class has
+``EXPLAIN_CHOICE(input_name, value)``, where the value was looked for (e.g. the models folder); an
+INT option ``multiple_of`` (ignored by ComfyUI) is checked as ``value_not_multiple``, on that input
+only.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import math
@@ -209,7 +215,7 @@ class _Validator:
                     ok = self._check_link(node_id, name, value, input_type, info, fn_args, errors, received_types)
                     upstream_ok = upstream_ok and ok
                     continue
-                self._check_literal(name, value, input_type, options, info, fn_args, fn_kwargs, errors)
+                self._check_literal(cls, name, value, input_type, options, info, fn_args, fn_kwargs, errors)
             self._check_latent_budget(node_id, cls, inputs, errors)
             if validate_fn is not None and (fn_args or fn_kwargs):
                 self._custom_validation(node_id, cls, validate_fn, input_types, inputs, fn_args, fn_kwargs,
@@ -263,13 +269,20 @@ class _Validator:
         ok, _ = self.validate_node(src_id)  # a cycle ends at the provisional result of validate_node
         return ok
 
-    def _check_literal(self, name, value, input_type, options, info, fn_args, fn_kwargs, errors) -> None:
+    def _check_literal(self, cls, name, value, input_type, options, info, fn_args, fn_kwargs, errors) -> None:
         if isinstance(input_type, str) and input_type not in WIDGET_TYPES and input_type != "*":
             # a socket (SDXL_CLIP, LATENT…) takes a link only: a literal would reach the node as a bogus object
             errors.append(_error(
                 "invalid_input_type", f"Input must be connected to a {input_type} output",
                 f"{name}: got the value {_shown(str(value))[:60]!r} instead of a link [node_id, output_index]",
                 input_name=name, input_config=info, received_value=_shown(value),
+            ))
+            return
+        if value is None or (isinstance(value, dict) and value.get("__value__", 0) is None):
+            errors.append(_error(
+                "invalid_input_type", f"Failed to convert an input value to a {input_type} value",
+                f"{name}: null is not a value; give a {input_type if isinstance(input_type, str) else 'choice'}",
+                input_name=name, input_config=info, received_value=None, exception_message="null value",
             ))
             return
         try:
@@ -299,13 +312,34 @@ class _Validator:
                 input_name=name, input_config=info, received_value=value,
             ))
             return
+        multiple = options.get("multiple_of")
+        if input_type == "INT" and isinstance(multiple, int) and multiple > 1 and value % multiple:
+            errors.append(_error(
+                "value_not_multiple", f"Value {value} not a multiple of {multiple}",
+                f"{name}: try {value - value % multiple} or {value - value % multiple + multiple}",
+                input_name=name, input_config=info, received_value=value,
+            ))
+            return
         if isinstance(input_type, list) or input_type == "COMBO":
             choices = input_type if isinstance(input_type, list) else options.get("options", [])
             if value not in choices:
                 big = len(choices) > 20
                 list_info = f"(list of length {len(choices)})" if big else str(choices)
+                details = f"{name}: '{value}' not in {list_info}"
+                close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.6)
+                if close:
+                    details += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+                explain = getattr(cls, "EXPLAIN_CHOICE", None)
+                if explain is not None:
+                    try:
+                        hint = explain(name, value)
+                    except Exception:  # a broken hook must not hide the validation error itself
+                        log.exception("EXPLAIN_CHOICE of %s failed", getattr(cls, "__name__", cls))
+                        hint = None
+                    if hint:
+                        details += f". {hint}"
                 errors.append(_error(
-                    "value_not_in_list", "Value not in list", f"{name}: '{value}' not in {list_info}",
+                    "value_not_in_list", "Value not in list", details,
                     input_name=name, input_config=None if big else info, received_value=value,
                 ))
 

@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..sdxl_core.errors import UserError
 from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -69,7 +70,7 @@ def is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-class WorkflowError(ValueError):
+class WorkflowError(UserError, ValueError):
     """A workflow file or object could not be read or converted; the message says where and why."""
 
 

@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 sdxl-nodes demo --dir "${1:-sdxl-nodes-demo}"
+echo "(the sdxl-nodes command lives in the project's virtual environment: in a new shell, run"
+echo " '. .venv/bin/activate' in $(pwd) first)"

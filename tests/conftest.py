@@ -25,3 +25,20 @@ def tiny_refiner(tiny_checkpoints):
     from sdxl_nodes.sdxl_core.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_checkpoints["refiner"])
+
+
+@pytest.fixture(autouse=True)
+def _no_environment_leaks():
+    """Each test starts with no current node environment; one a test sets (configure/use) ends with it.
+
+    (Looked up in sys.modules so that torch-free test files do not import the nodes, and torch, here.)
+    """
+    import sys
+
+    before = sys.modules.get("sdxl_nodes.nodes.environment")
+    token = before._ACTIVE.set(None) if before is not None else None
+    yield
+    if before is not None:
+        before._ACTIVE.reset(token)
+    elif (after := sys.modules.get("sdxl_nodes.nodes.environment")) is not None:
+        after._ACTIVE.set(None)

@@ -233,7 +233,8 @@ def test_small_graph_runs_inside_comfyui(comfy_run):
 def test_comfyui_interrupt_and_missing_checkpoint(comfy_run):
     r, root, _ = comfy_run
     assert r["interrupt"] == "raised"
-    assert r["missing"].startswith("NodeInputError: checkpoint 'missing.safetensors' not found in ")
+    assert r["missing"].startswith("NodeInputError: checkpoint 'missing.safetensors' not found. Searched ")
+    assert "ComfyUI" in r["missing"] and "--models-dir" not in r["missing"]
     assert str(root / "models" / "checkpoints") in r["missing"]
 
 

@@ -329,3 +329,52 @@ def test_event_callback_errors_do_not_break_runs():
         raise RuntimeError("listener bug")
 
     assert Executor(CLASSES, on_event=broken).execute(sampler_prompt(), "p").success
+
+
+# ------------------------------------------------------------------------------------------------
+# Context: what the executor's creator set reaches the nodes, on any thread, without globals
+
+
+def test_nodes_see_the_context_the_executor_was_created_in_on_a_worker_thread():
+    """Catches the executor running nodes in the calling thread's (empty) context, the reason the
+    nodes' environment used to be a process global (the server calls execute from a worker thread)."""
+    import contextvars
+
+    var: contextvars.ContextVar = contextvars.ContextVar("test_env", default="unset")
+    seen = []
+
+    class ReadsContext:
+        RETURN_TYPES = ("INT",)
+        FUNCTION = "run"
+        OUTPUT_NODE = True
+
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {"value": ("INT", {"default": 0})}}
+
+        def run(self, value):
+            seen.append(var.get())
+            return (value,)
+
+    token = var.set("env A")
+    try:
+        executor_a = Executor({"ReadsContext": ReadsContext})
+    finally:
+        var.reset(token)
+    executor_b = Executor({"ReadsContext": ReadsContext})  # created where nothing is set
+    results = []
+    for ex, value in ((executor_a, 1), (executor_b, 2)):
+        worker = threading.Thread(target=lambda e=ex, v=value: results.append(
+            e.execute({"1": {"class_type": "ReadsContext", "inputs": {"value": v}}}, f"p{v}")))
+        worker.start()
+        worker.join()
+    assert all(r.success for r in results)
+    assert seen == ["env A", "unset"]
+    assert var.get() == "unset"
+
+
+def test_failed_node_result_carries_the_exception_for_type_checks():
+    result = Executor(CLASSES).execute({"1": n("StubNumber", value=2), "2": n("StubFail", value=["1", 0])}, "p",
+                                       outputs=["2"])
+    assert result.status == "error"
+    assert isinstance(result.exception, Exception) and str(result.exception) == result.error["exception_message"]

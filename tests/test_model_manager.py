@@ -214,7 +214,6 @@ def _run_base_refiner(tmp_path, models_dir, name):
 
 
 def test_workflow_runs_when_only_one_network_fits(tmp_path, tiny_checkpoints, sizes, budget, monkeypatch):
-    monkeypatch.setattr(environment, "_current", None)
     models = tmp_path / "models"
     models.mkdir()
     for p in tiny_checkpoints.values():

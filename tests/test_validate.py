@@ -198,3 +198,85 @@ def test_validation_does_not_mutate_prompt():
     before = json.dumps(prompt)
     validate_prompt(prompt, CLASSES)
     assert json.dumps(prompt) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Our own nodes under ComfyUI's VALIDATE_INPUTS rule (issue 11 item 1)
+
+
+def _comfyui_skips_builtin_checks_for(cls) -> set[str]:
+    """ComfyUI v0.8.0 execution.validate_inputs: min/max and combo checks are skipped for every input
+    named in VALIDATE_INPUTS's signature (all of them if it takes **kwargs)."""
+    import inspect
+
+    from sdxl_nodes.runtime.nodeinfo import iter_input_specs
+
+    fn = getattr(cls, "VALIDATE_INPUTS", None)
+    if fn is None:
+        return set()
+    spec = inspect.getfullargspec(fn)
+    names = {name for _c, name, _t, _o in iter_input_specs(cls.INPUT_TYPES())}
+    return names if spec.varkw is not None else names & set(spec.args)
+
+
+def test_comfyui_keeps_the_min_max_checks_of_every_node_of_ours():
+    """Catches a VALIDATE_INPUTS that names a ranged input (SDXLEmptyLatent's width/height/batch_size
+    were accepted at 0, 16392 and -8 inside ComfyUI). (SDXLLoadImage's VALIDATE_INPUTS(image) takes
+    over its file combo on purpose, as ComfyUI's own LoadImage does, so just-uploaded files pass.)"""
+    from sdxl_nodes.nodes import NODE_CLASS_MAPPINGS
+    from sdxl_nodes.runtime.nodeinfo import iter_input_specs
+
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        checked = {name for _c, name, _t, options in iter_input_specs(cls.INPUT_TYPES())
+                   if "min" in options or "max" in options}
+        assert not (checked & _comfyui_skips_builtin_checks_for(cls)), node_id
+
+
+@pytest.mark.parametrize("inputs,expected", [
+    ({"width": 0}, [("width", "value_smaller_than_min")]),
+    ({"width": 16392}, [("width", "value_bigger_than_max")]),
+    ({"width": -8}, [("width", "value_smaller_than_min")]),
+    ({"batch_size": 0}, [("batch_size", "value_smaller_than_min")]),
+    ({"height": 1004}, [("height", "value_not_multiple")]),
+    ({"width": 1001, "height": 1002}, [("width", "value_not_multiple"), ("height", "value_not_multiple")]),
+])
+def test_empty_latent_errors_name_only_the_offending_input(inputs, expected):
+    from sdxl_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    values = {"width": 1024, "height": 1024, "batch_size": 1, **inputs}
+    prompt = {"1": n("SDXLEmptyLatent", **values), "2": n("StubSink", value=["1", 0])}
+    classes = {**CLASSES, "SDXLEmptyLatent": NODE_CLASS_MAPPINGS["SDXLEmptyLatent"]}
+    ok, _error, node_errors, _ = validate_prompt(prompt, classes)
+    assert not ok
+    assert [(e["extra_info"]["input_name"], e["type"]) for e in node_errors["1"]["errors"]] == expected
+
+
+def test_empty_latent_refuses_a_non_multiple_of_8_when_run_inside_comfyui():
+    """ComfyUI does not read `multiple_of`; the node itself then says what is wrong."""
+    from sdxl_nodes.nodes import NODE_CLASS_MAPPINGS
+    from sdxl_nodes.nodes.environment import NodeInputError
+
+    with pytest.raises(NodeInputError, match="^width 1004 not a multiple of 8; SDXL latents are 1/8"):
+        NODE_CLASS_MAPPINGS["SDXLEmptyLatent"]().run(1004, 64, 1)
+
+
+def test_null_literal_is_invalid_not_the_string_none():
+    """Catches str(None) == 'None' passing as a STRING (issue 9: `--set 2.text_g=null` validated)."""
+    prompt = good_prompt()
+    prompt["3"] = n("StubSampler", base=["2", 0], seed=1, sampler_name="euler", scheduler="karras", text=None,
+                    enabled=True)
+    prompt["4"] = n("StubSaveText", value=["3", 0])
+    ok, _, node_errors, _ = validate_prompt(prompt, CLASSES)
+    assert not ok
+    (err,) = node_errors["3"]["errors"]
+    assert err["type"] == "invalid_input_type" and err["extra_info"]["input_name"] == "text"
+
+
+def test_unknown_combo_value_suggests_the_closest_choice():
+    prompt = good_prompt()
+    prompt["3"] = n("StubSampler", base=["2", 0], seed=1, sampler_name="eulr", scheduler="karras", text="x",
+                    enabled=True)
+    prompt["4"] = n("StubSaveText", value=["3", 0])
+    ok, _, node_errors, _ = validate_prompt(prompt, CLASSES)
+    err = next(e for e in node_errors["3"]["errors"] if e["type"] == "value_not_in_list")
+    assert err["details"].endswith("; did you mean 'euler'?"), err["details"]

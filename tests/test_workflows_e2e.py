@@ -72,8 +72,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 @pytest.fixture
 def dirs(tmp_path, models_dir, monkeypatch):
-    """Fresh input/output/temp folders; the process-global environment is restored afterwards."""
-    monkeypatch.setattr(environment, "_current", None)
+    """Fresh input/output/temp folders, made the current environment (conftest.py resets it afterwards)."""
     d = {"models": models_dir, "input": tmp_path / "input", "output": tmp_path / "output", "temp": tmp_path / "temp"}
     d["input"].mkdir()
     environment.configure(models_dir=models_dir, input_dir=d["input"], output_dir=d["output"], temp_dir=d["temp"])
@@ -222,7 +221,6 @@ def test_set_overrides_are_reflected_in_the_embedded_workflow(dirs, capsys):
 
 
 def test_symlinked_checkpoint_loads(tmp_path, tiny_checkpoints, monkeypatch):
-    monkeypatch.setattr(environment, "_current", None)
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
     (tmp_path / "models" / "checkpoints" / BASE).symlink_to(tiny_checkpoints["base"])
     env = environment.configure(models_dir=tmp_path / "models", output_dir=tmp_path / "out")

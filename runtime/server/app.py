@@ -238,7 +238,7 @@ class PromptServer:
         prompt = body["prompt"]
         try:
             ok, error, node_errors, outputs = await asyncio.to_thread(
-                validate_prompt, prompt, self.node_classes, targets)
+                validate_prompt, prompt, self.node_classes, targets, limits=self.limits)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
             # A validator bug on an input shape it did not foresee: the sender gets a 400 with the
             # reason, the log gets the traceback to fix it.

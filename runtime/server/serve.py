@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import json
@@ -18,7 +19,7 @@ from typing import Any, Callable, Mapping, TextIO
 
 from aiohttp import web
 
-from ..limits import DEFAULT_LIMITS, Limits
+from ..limits import DEFAULT_LIMITS, Limits, parse_limits
 from .access import is_loopback
 from .app import DEFAULT_WORKFLOW_NAME, WORKFLOWS_DIR, create_app
 
@@ -131,7 +132,9 @@ class BackgroundServer:
             loop.run_until_complete(self._runner.cleanup())
             loop.close()
 
-        self._thread = threading.Thread(target=target, name="sdxl-nodes-server", daemon=True)
+        # the server thread runs in the starter's context: what it set there (the nodes' environment) holds
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(target,),
+                                        name="sdxl-nodes-server", daemon=True)
         self._thread.start()
         if not ready.wait(timeout):
             raise TimeoutError(f"the server did not start within {timeout} s")
@@ -166,25 +169,6 @@ def load_shipped_workflows(folder: Path = WORKFLOWS_DIR) -> dict[str, dict]:
 
 # -------------------------------------------------------------------------------------------------
 # sdxl-nodes serve
-
-
-def parse_limits(options: list[str] | None, base: Limits = DEFAULT_LIMITS) -> Limits:
-    """``["image_pixels=100000000", ...]`` applied to ``base``; ValueError names what is wrong."""
-    names = [f.name for f in dataclasses.fields(Limits)]
-    changes: dict[str, int] = {}
-    for option in options or ():
-        name, sep, value = option.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or name not in names:
-            raise ValueError(f"--limit {option!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
-        try:
-            number = int(value.strip().replace("_", ""))
-        except ValueError:
-            raise ValueError(f"--limit {option!r}: the value must be a whole number") from None
-        if number < 1:
-            raise ValueError(f"--limit {option!r}: the value must be at least 1")
-        changes[name] = number
-    return base.replace(**changes)
 
 
 def models_report(models_dir: str | os.PathLike | None) -> tuple[str, bool]:
