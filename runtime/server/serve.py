@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import errno
 import json
 import logging
@@ -19,7 +18,7 @@ from typing import Any, Callable, Mapping, TextIO
 
 from aiohttp import web
 
-from ..limits import DEFAULT_LIMITS, Limits, parse_limits
+from ..limits import parse_limits
 from .access import is_loopback
 from .app import DEFAULT_WORKFLOW_NAME, WORKFLOWS_DIR, create_app
 
