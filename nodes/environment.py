@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sdxl_core.memory import ModelManager, RuntimeOptions
@@ -34,6 +34,8 @@ class Environment:
     temp_dir: Path
     manager: ModelManager
     inside_comfyui: bool = False
+    # kind ("loras", "vae", "embeddings") → folders searched before models/<kind>/ beside the checkpoints
+    extra_model_dirs: dict = field(default_factory=dict)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_names(self) -> list[str]:
@@ -65,6 +67,49 @@ class Environment:
             f"checkpoint '{name}' not found in {where}. Put the file there or pass --models-dir "
             "(a folder with the .safetensors files, or a ComfyUI models/ folder)."
         )
+
+    # -- other model folders (loras, vae, embeddings) -------------------------------------------------
+    def model_dirs(self, kind: str) -> list[Path]:
+        """The folders of one kind of model file: `models/<kind>/` beside each checkpoints folder
+        (a ComfyUI-style models/ tree), or ComfyUI's own folder_paths inside ComfyUI."""
+        if self.inside_comfyui:
+            import folder_paths
+
+            return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+        dirs = list(self.extra_model_dirs.get(kind, ()))
+        for d in self.checkpoint_dirs:
+            root = d.parent if d.name == "checkpoints" else d
+            if root / kind not in dirs:
+                dirs.append(root / kind)
+        return dirs
+
+    def model_names(self, kind: str, extensions=CHECKPOINT_EXTENSIONS) -> list[str]:
+        """Files of `kind` (relative names, '/' separated), sorted; folders that do not exist are skipped."""
+        if self.inside_comfyui:
+            import folder_paths
+
+            return [n for n in folder_paths.get_filename_list(kind) if n.endswith(tuple(extensions))]
+        names = set()
+        for d in self.model_dirs(kind):
+            if d.is_dir():
+                names.update(p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in extensions and p.is_file())
+        return sorted(names)
+
+    def model_path(self, kind: str, name: str) -> Path:
+        """The file `name` in the `kind` folders; NodeInputError naming every folder searched."""
+        if self.inside_comfyui:
+            import folder_paths
+
+            path = folder_paths.get_full_path(kind, name)
+            if path:
+                return Path(path)
+        for d in self.model_dirs(kind):
+            p = _inside(d, name)
+            if p is not None and p.is_file():
+                return p
+        where = ", ".join(str(d) for d in self.model_dirs(kind)) or "(no models folder configured)"
+        raise NodeInputError(f"{kind} file '{name}' not found in {where}. Put the file there (a models/{kind}/ "
+                             "folder beside models/checkpoints/) and refresh.")
 
     # -- images ------------------------------------------------------------------------------------
     def input_images(self) -> list[str]:

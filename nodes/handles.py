@@ -16,14 +16,16 @@ class ClipRef:
     manager: ModelManager
     path: str
     config: object
+    patches: tuple = ()  # LoRAs in chain order: ((lora.LoraPatches, strength), …), as on ModelRef
 
     @property
     def kind(self) -> str:
         return self.config.kind
 
     def encoders(self) -> TextEncoders:
-        clip_l = None if self.config.is_refiner else self.manager.get(self.path, "clip_l")
-        return TextEncoders(clip_l=clip_l, clip_g=self.manager.get(self.path, "clip_g"), tokenizer=load_tokenizer())
+        clip_l = None if self.config.is_refiner else self.manager.get(self.path, "clip_l", self.patches)
+        clip_g = self.manager.get(self.path, "clip_g", self.patches)
+        return TextEncoders(clip_l=clip_l, clip_g=clip_g, tokenizer=load_tokenizer())
 
 
 __all__ = ["ClipRef", "ModelRef"]

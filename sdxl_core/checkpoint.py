@@ -10,6 +10,7 @@ runs code). Key layout: ../shared/sdxl/keys_{base,refiner}.tsv; FACTS.md §1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -379,3 +380,57 @@ def write_tiny_checkpoints(folder: str | os.PathLike, *, seed: int = 0, dtype: t
         "base": write_random_checkpoint(folder / "sd_xl_base_1.0.safetensors", TINY_BASE, seed=seed, dtype=dtype),
         "refiner": write_random_checkpoint(folder / "sd_xl_refiner_1.0.safetensors", TINY_REFINER, seed=seed + 1, dtype=dtype),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Re-reading single tensors (undoing LoRA patches without a backup copy in memory)
+
+
+@functools.lru_cache(maxsize=16)
+def _module_to_file_keys(cfg: SDXLConfig, part: str) -> dict[str, str]:
+    """Module key → the file key it comes from (bigG's q/k/v all come from one in_proj)."""
+    module = build_modules(cfg)[part]
+    prefix = _prefixes(cfg)[part]
+    out = {}
+    for fk, shape in file_layout(cfg).items():
+        if not fk.startswith(prefix):
+            continue
+        for mk in _to_module_keys(part, {fk[len(prefix):]: torch.empty(shape, device="meta")}, module):
+            out[mk] = fk
+    return out
+
+
+def file_keys_for(part: str, module_keys, cfg: SDXLConfig) -> list[str]:
+    """The file keys whose tensors make up these module keys, in file-layout order."""
+    index = _module_to_file_keys(cfg, part)
+    return list(dict.fromkeys(index[k] for k in module_keys))
+
+
+def read_module_tensors(
+    path: str | os.PathLike,
+    part: str,
+    module_keys,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    inspected: tuple[SDXLConfig, dict] | None = None,
+) -> dict[str, torch.Tensor]:
+    """These module tensors exactly as `load_part` makes them (same dtype conversion), read one by one
+    from the memory-mapped file: restoring them undoes a patch bit for bit."""
+    cfg, shapes = inspected or inspect_checkpoint(path)
+    module = build_modules(cfg)[part]
+    prefix = _prefixes(cfg)[part]
+    wanted = set(module_keys)
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for fk in file_keys_for(part, wanted, cfg):
+            t = f.get_tensor(fk)
+            if t.is_floating_point():
+                t = t.to(device=device, dtype=dtype)
+            for k, v in _to_module_keys(part, {fk[len(prefix):]: t}, module).items():
+                if k in wanted:
+                    out[k] = v
+    missing = wanted - set(out)
+    if missing:
+        raise CheckpointError(f"{path}: cannot re-read {len(missing)} tensors of the {part} (e.g. {sorted(missing)[0]})")
+    return out
