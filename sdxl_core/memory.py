@@ -90,8 +90,31 @@ class ModelManager:
         self._resident: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()  # LRU order: oldest first
         self._inspected: dict[tuple[str, int, int], tuple[SDXLConfig, dict]] = {}
         self.loads = 0  # how many networks were read from disk (tests and stats)
+        self._vae_files: dict[str, tuple] = {}  # resolved path → (VAEFile, shapes) of standalone VAEs
         self._loras: OrderedDict[tuple, object] = OrderedDict()  # LoRA files read and matched, LRU order
         self.lora_reads = 0
+
+    # -- standalone VAE files --------------------------------------------------------------------
+    def inspect_vae(self, path: str | os.PathLike) -> checkpoint.VAEFile:
+        """Check a standalone VAE file (SGM or diffusers keys); `get(path, "vae")` then loads it."""
+        p = Path(path)
+        with self._lock:
+            info = checkpoint.inspect_vae(p)
+            self._vae_files[str(p.resolve())] = info
+            return info[0]
+
+    def vae_dtype(self, info: checkpoint.VAEFile) -> torch.dtype:
+        """fp16 for the fp16-fix VAE on CUDA (what it was made for); otherwise the usual VAE dtype
+        (fp32, or bf16 on a GPU that has it: the original SDXL VAE overflows in fp16)."""
+        if info.fp16_fix and torch.device(self.options.device).type == "cuda":
+            return torch.float16
+        return self.options.dtype_for("vae")
+
+    def _load_vae_file(self, path, key, info, shapes) -> nn.Module:
+        dtype = self.vae_dtype(info)
+        n = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if not k.startswith("loss."))
+        self._make_room(n * BYTES_PER.get(dtype, 4), keep=key)
+        return checkpoint.load_vae_file(path, device=self.options.device, dtype=dtype, inspected=(info, shapes))
 
     # -- LoRA files ------------------------------------------------------------------------------
     MAX_LORAS = 16
@@ -162,12 +185,16 @@ class ModelManager:
             if key in self._resident:
                 self._resident.move_to_end(key)
                 return self._resident[key]
-            cfg, shapes = self.inspect(path)
-            dtype = self.options.dtype_for(part)
-            self._make_room(self._estimate_bytes(cfg, shapes, part, dtype), keep=key)
-            module = checkpoint.load_part(
-                path, part, device=self.options.device, dtype=dtype, inspected=(cfg, shapes)
-            )
+            vae_file = self._vae_files.get(key[0])
+            if vae_file is not None and part == "vae":
+                module = self._load_vae_file(path, key, *vae_file)
+            else:
+                cfg, shapes = self.inspect(path)
+                dtype = self.options.dtype_for(part)
+                self._make_room(self._estimate_bytes(cfg, shapes, part, dtype), keep=key)
+                module = checkpoint.load_part(
+                    path, part, device=self.options.device, dtype=dtype, inspected=(cfg, shapes)
+                )
             self.loads += 1
             module._sdxl_source_stat = _stat(path)  # restoring patched weights needs the same file
             self._resident[key] = module
