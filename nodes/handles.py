@@ -25,7 +25,10 @@ class ClipRef:
     def encoders(self) -> TextEncoders:
         clip_l = None if self.config.is_refiner else self.manager.get(self.path, "clip_l", self.patches)
         clip_g = self.manager.get(self.path, "clip_g", self.patches)
-        return TextEncoders(clip_l=clip_l, clip_g=clip_g, tokenizer=load_tokenizer())
+        from .environment import current  # the embeddings folders of the running environment
+
+        return TextEncoders(clip_l=clip_l, clip_g=clip_g, tokenizer=load_tokenizer(),
+                            embedding_dirs=tuple(current().model_dirs("embeddings")))
 
 
 __all__ = ["ClipRef", "ModelRef"]
