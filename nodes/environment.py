@@ -49,6 +49,10 @@ class Environment:
                 names.update(
                     p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in CHECKPOINT_EXTENSIONS and p.is_file()
                 )
+                # diffusers-format folders, listed by folder name (their weights are not listed as files)
+                folders = {p.parent for p in d.rglob("model_index.json")}
+                names.update(f.relative_to(d).as_posix() for f in folders)
+                names = {n for n in names if not any((d / n).is_relative_to(f) and d / n != f for f in folders)}
         return sorted(names)
 
     def checkpoint_path(self, name: str) -> Path:
@@ -60,7 +64,7 @@ class Environment:
                 return Path(path)
         for d in self.checkpoint_dirs:
             p = _inside(d, name)
-            if p is not None and p.is_file():
+            if p is not None and (p.is_file() or (p / "model_index.json").is_file()):
                 return p
         where = ", ".join(str(d) for d in self.checkpoint_dirs) or "(no models folder configured)"
         raise NodeInputError(

@@ -88,7 +88,8 @@ class SDXLCheckpoint:
 
 def _check_file(path: Path) -> None:
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; expected a single .safetensors checkpoint file")
+        raise CheckpointError(f"{path} is a folder without model_index.json; expected a single .safetensors "
+                              "checkpoint file or a diffusers-format folder")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as fh:
@@ -113,9 +114,23 @@ def _check_file(path: Path) -> None:
     raise CheckpointError(f"{path}: not a safetensors file (its first bytes are not a safetensors header)")
 
 
+def open_weights(path: str | os.PathLike):
+    """A context manager with `keys()` and `get_tensor(key)` in SGM names: a memory-mapped safetensors
+    file, or a diffusers-format folder seen through diffusers_folder.py."""
+    from .diffusers_folder import DiffusersFolder, is_diffusers_folder
+
+    if is_diffusers_folder(path):
+        return DiffusersFolder(path)
+    return safe_open(str(path), framework="pt", device="cpu")
+
+
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, read from the header alone."""
+    """Tensor name → shape, read from the header alone (a diffusers folder: in SGM names)."""
+    from .diffusers_folder import DiffusersFolder, is_diffusers_folder
+
     path = Path(path)
+    if is_diffusers_folder(path):
+        return dict(DiffusersFolder(path).shapes)
     _check_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -145,7 +160,7 @@ def detect(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> SD
         sample = ", ".join(sorted(shapes)[:3])
         raise CheckpointError(
             f"{path}: not an SDXL checkpoint in Stability's single-file layout (no '{UNET_PREFIX}*' keys; "
-            f"first keys: {sample}). A diffusers folder, LoRA, VAE-only or UNet-only file needs another loader."
+            f"first keys: {sample}). A LoRA, VAE-only or UNet-only file needs another loader."
         )
     if label is None:
         to_k = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
@@ -283,7 +298,7 @@ def load_part(
     prefix = _prefixes(cfg)[part]
     groups, _ = split_keys(shapes, cfg)
     rel = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_weights(path) as f:
         for key in groups[part]:
             t = f.get_tensor(key)
             if t.is_floating_point():
@@ -425,7 +440,7 @@ def read_module_tensors(
     prefix = _prefixes(cfg)[part]
     wanted = set(module_keys)
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_weights(path) as f:
         for fk in file_keys_for(part, wanted, cfg):
             t = f.get_tensor(fk)
             if t.is_floating_point():
