@@ -405,9 +405,15 @@ def write_tiny_checkpoints(folder: str | os.PathLike, *, seed: int = 0, dtype: t
 
 
 @functools.lru_cache(maxsize=16)
+def _meta_module(cfg: SDXLConfig, part: str) -> nn.Module:
+    """One network on `meta` (names and shapes only), built once per config: key conversions need it."""
+    return build_modules(cfg)[part]
+
+
+@functools.lru_cache(maxsize=16)
 def _module_to_file_keys(cfg: SDXLConfig, part: str) -> dict[str, str]:
     """Module key → the file key it comes from (bigG's q/k/v all come from one in_proj)."""
-    module = build_modules(cfg)[part]
+    module = _meta_module(cfg, part)
     prefix = _prefixes(cfg)[part]
     out = {}
     for fk, shape in file_layout(cfg).items():
@@ -436,7 +442,7 @@ def read_module_tensors(
     """These module tensors exactly as `load_part` makes them (same dtype conversion), read one by one
     from the memory-mapped file: restoring them undoes a patch bit for bit."""
     cfg, shapes = inspected or inspect_checkpoint(path)
-    module = build_modules(cfg)[part]
+    module = _meta_module(cfg, part)
     prefix = _prefixes(cfg)[part]
     wanted = set(module_keys)
     out: dict[str, torch.Tensor] = {}

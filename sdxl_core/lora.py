@@ -57,6 +57,13 @@ def _canonical_clip_key(key: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
+def _weight_shapes(cfg: SDXLConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    from .checkpoint import build_modules
+
+    return {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in build_modules(cfg).items()}
+
+
+@functools.lru_cache(maxsize=8)
 def target_map(cfg: SDXLConfig) -> dict[str, tuple[str, str]]:
     """LoRA base name (the key without its `.lora_up.weight`-style suffix) → (network, module weight key)."""
     from .checkpoint import build_modules
@@ -327,9 +334,7 @@ def match(sd: dict[str, torch.Tensor], cfg: SDXLConfig, path: str = "<lora>", sh
         raise LoraError(f"{name}: this LoRA was trained for {family}, but it is applied to the SDXL {other} "
                         f"model (its cross-attention input width says so). {hint}")
     if shapes is None:
-        from .checkpoint import build_modules
-
-        shapes = {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in build_modules(cfg).items()}
+        shapes = _weight_shapes(cfg)
     targets = target_map(cfg)
     used: set[str] = set()
     patches: dict[str, dict[str, list[Adapter]]] = {}
