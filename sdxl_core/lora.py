@@ -210,6 +210,17 @@ class Adapter:
         scale = self.alpha / dim if (self.alpha is not None and dim is not None) else 1.0
         return torch.kron(w1, w2).reshape(shape), scale
 
+    def row_chunkable(self) -> bool:
+        """A plain LoRA (no Tucker mid, no DoRA): ΔW's rows r0:r1 need only up[r0:r1]."""
+        return self.kind == "lora" and self.dora_scale is None and "mid" not in self.tensors
+
+    def apply_rows(self, w32: torch.Tensor, strength: float, r0: int, r1: int) -> None:
+        """`apply` on rows r0:r1 of the weight only (w32 holds just those rows)."""
+        up = self.tensors["up"][r0:r1].to(device=w32.device, dtype=torch.float32)
+        down = self.tensors["down"].to(device=w32.device, dtype=torch.float32)
+        scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
+        w32 += (strength * scale) * torch.mm(up.flatten(1), down.flatten(1)).reshape(w32.shape)
+
     def apply(self, w32: torch.Tensor, strength: float) -> torch.Tensor:
         """w32 + strength · scale · ΔW (or DoRA's re-normalised weight); w32 is float32, updated in place."""
         if self.kind == "diff":
@@ -217,7 +228,7 @@ class Adapter:
             return w32
         d, scale = self.delta(w32.shape, w32.device)
         if self.dora_scale is None:
-            w32 += (strength * scale) * d
+            w32 += (strength * scale) * d  # ComfyUI's order: (strength · scale) · ΔW, added in fp32
             return w32
         # DoRA (ComfyUI base.weight_decompose): rescale W + scale·ΔW to the trained magnitude
         m = self.dora_scale.to(device=w32.device, dtype=torch.float32)
@@ -387,9 +398,18 @@ def _bases(sd: dict) -> list[str]:
 # 4. Reading a file
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a LoRA .safetensors file (pickles are refused: they can run code)."""
-    from safetensors.torch import load_file
+    """All tensors of a LoRA .safetensors file (pickles are refused: they can run code).
+
+    Read with plain file reads into the final tensors, not memory-mapped: while the LoRA stays loaded
+    its file's pages are not also counted in the process's memory.
+    """
+    import json
 
     from .checkpoint import _check_file
     from .errors import CheckpointError
@@ -397,14 +417,37 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     try:
         _check_file(p)
-        sd = load_file(str(p), device="cpu")
     except CheckpointError as e:
         raise LoraError(str(e).replace("checkpoint", "LoRA")) from None
-    except Exception as e:  # safetensors' own parse errors
-        raise LoraError(f"{p}: cannot read it as a safetensors LoRA: {e}") from e
-    if not sd:
+    size = p.stat().st_size
+    out: dict[str, torch.Tensor] = {}
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise LoraError(f"{p}: the safetensors header is not valid JSON ({e})") from None
+        base = 8 + n
+        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            start, end = info["data_offsets"]
+            shape = info["shape"]
+            if dtype is None:
+                raise LoraError(f"{p}: tensor {name} has dtype {info.get('dtype')}, which LoRAs here cannot use")
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if end - start != numel * torch.empty((), dtype=dtype).element_size() or base + end > size:
+                raise LoraError(f"{p}: tensor {name} does not fit the file (truncated download?)")
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(base + start)
+            if f.readinto(memoryview(buf.numpy())) != end - start:
+                raise LoraError(f"{p}: file ends inside tensor {name} (truncated download?)")
+            out[name] = buf.view(dtype).reshape(shape)
+    if not out:
         raise LoraError(f"{p}: the file holds no tensors")
-    return sd
+    return out
 
 
 def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
@@ -426,6 +469,8 @@ def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
 
 
 Stack = tuple[tuple[LoraPatches, float], ...]  # (LoRA, strength) in chain order
+RESTORE_BATCH = 16  # patched tensors re-read from the checkpoint per batch when restoring
+ROW_BLOCK_ABOVE = 1 << 22  # weights with more elements are patched in row blocks of about this size
 
 
 @dataclass
@@ -463,15 +508,25 @@ def patch_module(module: torch.nn.Module, part: str, stack: Stack,
     params.update(dict(module.named_buffers()))
     with torch.no_grad():
         # 1. back to the file's values wherever anything was patched
-        if state.patched:
-            originals = restore(sorted(state.patched))
-            for key, value in originals.items():
+        keys = sorted(state.patched)
+        for i in range(0, len(keys), RESTORE_BATCH):  # a few tensors at a time: never a copy of them all
+            for key, value in restore(keys[i : i + RESTORE_BATCH]).items():
                 params[key].copy_(value)
-            del originals
         module._sdxl_patch_state = PatchState()
-        # 2. each weight: fp32, every patch in chain order, back to the storage dtype
+        # 2. each weight: fp32, every patch in chain order, back to the storage dtype; large weights
+        #    patched by plain LoRAs go a block of rows at a time, so the fp32 temporaries stay small
         for key, patches in wanted.items():
             p = params[key]
+            rows = p.shape[0]
+            if p.numel() > ROW_BLOCK_ABOVE and all(a.row_chunkable() for a, _ in patches):
+                step = max(1, ROW_BLOCK_ABOVE // (p.numel() // rows))
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    w32 = p[r0:r1].to(torch.float32, copy=True)
+                    for adapter, strength in patches:
+                        adapter.apply_rows(w32, strength, r0, r1)
+                    p[r0:r1].copy_(w32.to(p.dtype))
+                continue
             w32 = p.detach().to(torch.float32, copy=True)
             for adapter, strength in patches:
                 w32 = adapter.apply(w32, strength)

@@ -384,3 +384,40 @@ def test_mis_shaped_patch_refused(tmp_path):
                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 4)}, str(path))
     with pytest.raises(LoraError, match=r"1 LoRA patches do not fit.*proj_in"):
         load_lora(path, TINY_BASE)
+
+
+def test_dora_hand_derivation(tiny_checkpoints, manager, tmp_path):
+    """DoRA as ComfyUI v0.8 computes it (weight_decompose, magnitude on the output axis):
+    W' = W + strength·(m ⊙ (W + s·BA) / (‖W‖_row + eps) − W). Catches: dora_scale ignored, the norm
+    taken on the wrong axis, strength applied to ΔW only."""
+    g = torch.Generator().manual_seed(10)
+    key = "input_blocks.4.1.proj_in.weight"  # [64, 64]
+    up, down = torch.randn(64, 2, generator=g) * 0.1, torch.randn(2, 64, generator=g) * 0.1
+    m = 0.5 + torch.rand(64, 1, generator=g)
+    path = tmp_path / "dora.safetensors"
+    name = "lora_unet_" + key[:-7].replace(".", "_")
+    save_file({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(1.0),
+               f"{name}.dora_scale": m}, str(path))
+    before, after = _patched(manager, tiny_checkpoints["base"], path, key, strength=0.6)
+    calc = before + 0.5 * (up @ down)
+    calc = calc * (m / (before.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps))
+    torch.testing.assert_close(after, before + 0.6 * (calc - before), rtol=1e-5, atol=1e-6)
+
+
+def test_row_blocks_equal_whole_weight(tiny_checkpoints, manager, two_loras, monkeypatch):
+    """Large weights are patched a block of rows at a time (memory); the result must not depend on it.
+    Catches: a block using the wrong rows of lora_up, the last partial block skipped."""
+    from sdxl_nodes.sdxl_core import lora
+
+    ckpt = tiny_checkpoints["base"]
+    cfg, _ = manager.inspect(ckpt)
+    stack = tuple((manager.lora(p, cfg), s) for p, s in zip(two_loras, (0.7, 1.3)))
+    base = {k: v.clone() for k, v in manager.get(ckpt, "unet").state_dict().items()}
+    whole = {k: v.clone() for k, v in manager.get(ckpt, "unet", stack).state_dict().items()}
+    manager.get(ckpt, "unet")
+    monkeypatch.setattr(lora, "ROW_BLOCK_ABOVE", 300)  # blocks of 3–9 rows on the tiny weights
+    blocks = {k: v.clone() for k, v in manager.get(ckpt, "unet", stack).state_dict().items()}
+    manager.get(ckpt, "unet")
+    assert sum(not torch.equal(whole[k], base[k]) for k in base) == len(UNET_TARGETS)
+    for k in whole:
+        torch.testing.assert_close(blocks[k], whole[k], rtol=1e-6, atol=1e-7)
