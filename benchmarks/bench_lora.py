@@ -121,8 +121,14 @@ def main() -> None:
     for part in ("clip_l", "clip_g"):
         m.get(ckpt, part)
     cfg, _ = m.inspect(ckpt)
-    key = "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
-    before = unet.state_dict()[key].clone()
+    # weights load memory-mapped: read every one once so RSS counts them before the LoRA steps
+    for part in ("unet", "clip_l", "clip_g"):
+        for t in m.get(ckpt, part).state_dict().values():
+            t.float().sum()
+    keys = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",  # patched whole
+            "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"]  # patched in row blocks
+    before = {k: unet.state_dict()[k].clone() for k in keys}
+
 
     with PeakRSS() as read:
         lp = m.lora(lora_path, cfg)
@@ -131,12 +137,18 @@ def main() -> None:
     with PeakRSS() as patch:
         for part in ("unet", "clip_l", "clip_g"):
             m.get(ckpt, part, ((lp, 1.0),))
+    changed = [not torch.equal(unet.state_dict()[k], before[k]) for k in keys]
+    print(f"after patch: weights changed {changed}, unet patched tensors "
+          f"{len(unet._sdxl_patch_state.patched)}", file=sys.stderr)
     with PeakRSS() as restrength:
         m.get(ckpt, "unet", ((lp, 0.5),))
+    print(f"after strength change: unet patched tensors {len(unet._sdxl_patch_state.patched)}", file=sys.stderr)
     with PeakRSS() as unpatch:
         for part in ("unet", "clip_l", "clip_g"):
             m.get(ckpt, part)
-    exact = torch.equal(unet.state_dict()[key], before)
+    exact = all(torch.equal(unet.state_dict()[k], before[k]) for k in keys)
+    states = {p: len(m.get(ckpt, p)._sdxl_patch_state.patched) for p in ("unet", "clip_l", "clip_g")}
+    print(f"patched tensors left after unpatch: {states}", file=sys.stderr)
     assert m.loads == 3, m.loads
 
     total_added = max(read.peak, patch.peak, restrength.peak, unpatch.peak) - read.start
