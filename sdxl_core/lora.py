@@ -469,8 +469,8 @@ def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
 
 
 Stack = tuple[tuple[LoraPatches, float], ...]  # (LoRA, strength) in chain order
-RESTORE_BATCH = 16  # patched tensors re-read from the checkpoint per batch when restoring
-ROW_BLOCK_ABOVE = 1 << 22  # weights with more elements are patched in row blocks of about this size
+RESTORE_BATCH = 4  # patched tensors re-read from the checkpoint per batch when restoring
+ROW_BLOCK_ABOVE = 1 << 20  # weights with more elements are patched in row blocks of about this size
 
 
 @dataclass
