@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from .images import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
 from .loaders import CheckpointLoader
+from .lora import LoraLoader, VAELoader
 from .sampling import BaseSampler, EmptyLatent, NoiseAndRefine
 from .text import DualCLIPEncode, RefinerConditioning, SizeCropConditioning
 
 NODES = (
     CheckpointLoader,
+    LoraLoader,
+    VAELoader,
     DualCLIPEncode,
     SizeCropConditioning,
     RefinerConditioning,

@@ -22,7 +22,7 @@ import functools
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..paths import inside
@@ -50,6 +50,8 @@ class Environment:
     manager: ModelManager
     inside_comfyui: bool = False
     limits: Limits = DEFAULT_LIMITS  # image_pixels, filename_prefix_chars… (runtime/limits.py)
+    # kind ("loras", "vae", "embeddings") → folders searched before models/<kind>/ beside the checkpoints
+    extra_model_dirs: dict = field(default_factory=dict)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_names(self) -> list[str]:
@@ -63,6 +65,10 @@ class Environment:
                 names.update(
                     p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in CHECKPOINT_EXTENSIONS and p.is_file()
                 )
+                # diffusers-format folders, listed by folder name (their weights are not listed as files)
+                folders = {p.parent for p in d.rglob("model_index.json")}
+                names.update(f.relative_to(d).as_posix() for f in folders)
+                names = {n for n in names if not any((d / n).is_relative_to(f) and d / n != f for f in folders)}
         return sorted(names)
 
     def checkpoint_path(self, name: str) -> Path:
@@ -74,7 +80,7 @@ class Environment:
                 return Path(path)
         for d in self.checkpoint_dirs:
             p = inside(d, name, resolve_links=False)  # a linked model file is the user's own choice
-            if p is not None and p.is_file():
+            if p is not None and (p.is_file() or (p / "model_index.json").is_file()):
                 return p
         raise NodeInputError(f"checkpoint '{name}' not found. {self.explain_checkpoint(name)}")
 
@@ -95,6 +101,49 @@ class Environment:
         remedy = ("or add its folder to ComfyUI's extra_model_paths.yaml" if self.inside_comfyui else
                   "or pass --models-dir with the folder that holds it (or a ComfyUI models/ folder)")
         return f"Searched {', '.join(where)}: the file must be {first / name} (a .safetensors file), {remedy}."
+
+    # -- other model folders (loras, vae, embeddings) -------------------------------------------------
+    def model_dirs(self, kind: str) -> list[Path]:
+        """The folders of one kind of model file: `models/<kind>/` beside each checkpoints folder
+        (a ComfyUI-style models/ tree), or ComfyUI's own folder_paths inside ComfyUI."""
+        if self.inside_comfyui:
+            import folder_paths
+
+            return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+        dirs = list(self.extra_model_dirs.get(kind, ()))
+        for d in self.checkpoint_dirs:
+            root = d.parent if d.name == "checkpoints" else d
+            if root / kind not in dirs:
+                dirs.append(root / kind)
+        return dirs
+
+    def model_names(self, kind: str, extensions=CHECKPOINT_EXTENSIONS) -> list[str]:
+        """Files of `kind` (relative names, '/' separated), sorted; folders that do not exist are skipped."""
+        if self.inside_comfyui:
+            import folder_paths
+
+            return [n for n in folder_paths.get_filename_list(kind) if n.endswith(tuple(extensions))]
+        names = set()
+        for d in self.model_dirs(kind):
+            if d.is_dir():
+                names.update(p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in extensions and p.is_file())
+        return sorted(names)
+
+    def model_path(self, kind: str, name: str) -> Path:
+        """The file `name` in the `kind` folders; NodeInputError naming every folder searched."""
+        if self.inside_comfyui:
+            import folder_paths
+
+            path = folder_paths.get_full_path(kind, name)
+            if path:
+                return Path(path)
+        for d in self.model_dirs(kind):
+            p = inside(d, name, resolve_links=False)  # models folder: links are the user's choice
+            if p is not None and p.is_file():
+                return p
+        where = ", ".join(str(d) for d in self.model_dirs(kind)) or "(no models folder configured)"
+        raise NodeInputError(f"{kind} file '{name}' not found in {where}. Put the file there (a models/{kind}/ "
+                             "folder beside models/checkpoints/) and refresh.")
 
     # -- images ------------------------------------------------------------------------------------
     def input_images(self) -> list[str]:

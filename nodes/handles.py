@@ -17,14 +17,19 @@ class ClipRef:
     path: str
     config: object
     layer: int = -2  # hidden layer the prompt is taken from (ComfyUI CLIPSetLastLayer; SDXL's default -2)
+    patches: tuple = ()  # LoRAs in chain order: ((lora.LoraPatches, strength), …), as on ModelRef
 
     @property
     def kind(self) -> str:
         return self.config.kind
 
     def encoders(self) -> TextEncoders:
-        clip_l = None if self.config.is_refiner else self.manager.get(self.path, "clip_l")
-        return TextEncoders(clip_l=clip_l, clip_g=self.manager.get(self.path, "clip_g"), tokenizer=load_tokenizer())
+        clip_l = None if self.config.is_refiner else self.manager.get(self.path, "clip_l", self.patches)
+        clip_g = self.manager.get(self.path, "clip_g", self.patches)
+        from .environment import current  # the embeddings folders of the running environment
+
+        return TextEncoders(clip_l=clip_l, clip_g=clip_g, tokenizer=load_tokenizer(),
+                            embedding_dirs=tuple(current().model_dirs("embeddings")))
 
 
 __all__ = ["ClipRef", "ModelRef"]

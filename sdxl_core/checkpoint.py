@@ -10,8 +10,11 @@ runs code). Key layout: ../shared/sdxl/keys_{base,refiner}.tsv; FACTS.md §1.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import clip
-from .config import BASE, REFINER, TINY_BASE, TINY_REFINER, SDXLConfig
+from .config import BASE, REFINER, TINY_BASE, TINY_REFINER, SDXLConfig, VAEConfig
 from .errors import CheckpointError
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -59,6 +62,7 @@ UNSUPPORTED_KEYS = {
 }
 
 KNOWN_CONFIGS = (BASE, REFINER, TINY_BASE, TINY_REFINER)
+KNOWN_VAES = (VAEConfig(), TINY_BASE.vae)  # SDXL's, and the tests' tiny one
 
 
 @dataclass
@@ -84,7 +88,8 @@ class SDXLCheckpoint:
 
 def _check_file(path: Path) -> None:
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; expected a single .safetensors checkpoint file")
+        raise CheckpointError(f"{path} is a folder without model_index.json; expected a single .safetensors "
+                              "checkpoint file or a diffusers-format folder")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as fh:
@@ -109,9 +114,23 @@ def _check_file(path: Path) -> None:
     raise CheckpointError(f"{path}: not a safetensors file (its first bytes are not a safetensors header)")
 
 
+def open_weights(path: str | os.PathLike):
+    """A context manager with `keys()` and `get_tensor(key)` in SGM names: a memory-mapped safetensors
+    file, or a diffusers-format folder seen through diffusers_folder.py."""
+    from .diffusers_folder import DiffusersFolder, is_diffusers_folder
+
+    if is_diffusers_folder(path):
+        return DiffusersFolder(path)
+    return safe_open(str(path), framework="pt", device="cpu")
+
+
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, read from the header alone."""
+    """Tensor name → shape, read from the header alone (a diffusers folder: in SGM names)."""
+    from .diffusers_folder import DiffusersFolder, is_diffusers_folder
+
     path = Path(path)
+    if is_diffusers_folder(path):
+        return dict(DiffusersFolder(path).shapes)
     _check_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -141,7 +160,7 @@ def detect(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> SD
         sample = ", ".join(sorted(shapes)[:3])
         raise CheckpointError(
             f"{path}: not an SDXL checkpoint in Stability's single-file layout (no '{UNET_PREFIX}*' keys; "
-            f"first keys: {sample}). A diffusers folder, LoRA, VAE-only or UNet-only file needs another loader."
+            f"first keys: {sample}). A LoRA, VAE-only or UNet-only file needs another loader."
         )
     if label is None:
         to_k = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
@@ -279,7 +298,7 @@ def load_part(
     prefix = _prefixes(cfg)[part]
     groups, _ = split_keys(shapes, cfg)
     rel = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_weights(path) as f:
         for key in groups[part]:
             t = f.get_tensor(key)
             if t.is_floating_point():
@@ -379,3 +398,177 @@ def write_tiny_checkpoints(folder: str | os.PathLike, *, seed: int = 0, dtype: t
         "base": write_random_checkpoint(folder / "sd_xl_base_1.0.safetensors", TINY_BASE, seed=seed, dtype=dtype),
         "refiner": write_random_checkpoint(folder / "sd_xl_refiner_1.0.safetensors", TINY_REFINER, seed=seed + 1, dtype=dtype),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Re-reading single tensors (undoing LoRA patches without a backup copy in memory)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_module(cfg: SDXLConfig, part: str) -> nn.Module:
+    """One network on `meta` (names and shapes only), built once per config: key conversions need it."""
+    return build_modules(cfg)[part]
+
+
+@functools.lru_cache(maxsize=16)
+def _module_to_file_keys(cfg: SDXLConfig, part: str) -> dict[str, str]:
+    """Module key → the file key it comes from (bigG's q/k/v all come from one in_proj)."""
+    module = _meta_module(cfg, part)
+    prefix = _prefixes(cfg)[part]
+    out = {}
+    for fk, shape in file_layout(cfg).items():
+        if not fk.startswith(prefix):
+            continue
+        for mk in _to_module_keys(part, {fk[len(prefix):]: torch.empty(shape, device="meta")}, module):
+            out[mk] = fk
+    return out
+
+
+def file_keys_for(part: str, module_keys, cfg: SDXLConfig) -> list[str]:
+    """The file keys whose tensors make up these module keys, in file-layout order."""
+    index = _module_to_file_keys(cfg, part)
+    return list(dict.fromkeys(index[k] for k in module_keys))
+
+
+def read_module_tensors(
+    path: str | os.PathLike,
+    part: str,
+    module_keys,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    inspected: tuple[SDXLConfig, dict] | None = None,
+) -> dict[str, torch.Tensor]:
+    """These module tensors exactly as `load_part` makes them (same dtype conversion), read one by one
+    from the memory-mapped file: restoring them undoes a patch bit for bit."""
+    cfg, shapes = inspected or inspect_checkpoint(path)
+    module = _meta_module(cfg, part)
+    prefix = _prefixes(cfg)[part]
+    wanted = set(module_keys)
+    out: dict[str, torch.Tensor] = {}
+    with open_weights(path) as f:
+        for fk in file_keys_for(part, wanted, cfg):
+            t = f.get_tensor(fk)
+            if t.is_floating_point():
+                t = t.to(device=device, dtype=dtype)
+            for k, v in _to_module_keys(part, {fk[len(prefix):]: t}, module).items():
+                if k in wanted:
+                    out[k] = v
+    missing = wanted - set(out)
+    if missing:
+        raise CheckpointError(f"{path}: cannot re-read {len(missing)} tensors of the {part} (e.g. {sorted(missing)[0]})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Standalone VAE files (models/vae/): SGM or diffusers keys
+
+_OLD_DIFFUSERS_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+_FP16_FIX_NAME = re.compile(r"fp16[-_ .]?fix", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class VAEFile:
+    """What a standalone VAE file holds: SDXL's VAE, in which key layout, and whether it is the fp16-fix."""
+
+    vae: VAEConfig
+    layout: str  # "sgm" | "diffusers"
+    prefix: str  # stripped from every key ("" or "first_stage_model.")
+    fp16_fix: bool
+    kind: str = "vae"
+    is_refiner: bool = False
+
+
+def _is_fp16_fix(path: Path) -> bool:
+    """madebyollin's SDXL-VAE-FP16-Fix: its diffusers config says `force_upcast: false`; a single file is
+    recognised by its name (…fp16-fix…, …fp16_fix…). Anything else is treated as the original VAE,
+    which must not run in fp16 (it overflows to NaN)."""
+    if _FP16_FIX_NAME.search(path.name) or _FP16_FIX_NAME.search(path.parent.name):
+        return True
+    cfg_file = path.parent / "config.json"
+    if cfg_file.is_file():
+        try:
+            return json.loads(cfg_file.read_text(encoding="utf-8")).get("force_upcast") is False
+        except (OSError, ValueError) as e:
+            log.warning("%s: cannot read %s (%s); treating the VAE as the original SDXL VAE", path, cfg_file, e)
+    return False
+
+
+def _vae_file_to_sgm(rel: dict, layout: str, cfg: VAEConfig) -> dict:
+    """VAE file keys (prefix stripped) → SGM module keys; values converted for diffusers' Linear attention."""
+    if layout == "sgm":
+        return dict(rel)
+    from .diffusers_keys import vae_sgm_to_diffusers, vae_to_sgm_tensor
+
+    to_sgm = {d: s for s, d in vae_sgm_to_diffusers(cfg).items()}
+    out = {}
+    for k, v in rel.items():
+        for old, new in _OLD_DIFFUSERS_ATTN.items():
+            k = k.replace(old, new)
+        s = to_sgm.get(k)
+        if s is None:
+            out[k] = v  # reported as unexpected by the strict check
+            continue
+        out[s] = vae_to_sgm_tensor(s, v) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def inspect_vae(path: str | os.PathLike) -> tuple[VAEFile, dict[str, tuple[int, ...]]]:
+    """Tell a standalone VAE's layout and check every key and shape against SDXL's VAE; loads no tensor."""
+    path = Path(path)
+    shapes = read_shapes(path)
+    if any(k.startswith(UNET_PREFIX) for k in shapes):
+        raise CheckpointError(f"{path}: this is a full checkpoint (it has a UNet), not a VAE file; load it with "
+                              "the checkpoint loader, whose vae output is its VAE")
+    keys = [k for k in shapes if not k.startswith("loss.")]  # training leftovers in some releases
+    prefix = VAE_PREFIX if keys and all(k.startswith(VAE_PREFIX) for k in keys) else ""
+    rel = {k[len(prefix):]: shapes[k] for k in keys}
+    if any(".down_blocks." in k or ".up_blocks." in k for k in rel):
+        layout = "diffusers"
+    elif any(k.startswith(("encoder.down.", "decoder.up.")) for k in rel):
+        layout = "sgm"
+    else:
+        sample = ", ".join(sorted(rel)[:3])
+        raise CheckpointError(f"{path}: not a VAE file (no encoder/decoder keys in Stability's or diffusers' "
+                              f"layout; first keys: {sample})")
+    conv_in = rel.get("encoder.conv_in.weight")
+    cfg = next((c for c in KNOWN_VAES if conv_in == (c.ch, c.in_channels, 3, 3)), KNOWN_VAES[0])
+    converted = _vae_file_to_sgm({k: torch.empty(s, device="meta") for k, s in rel.items()}, layout, cfg)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoencoderKL(cfg).state_dict().items()}
+    problems = []
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    misshaped = [f"{k} {list(converted[k].shape)} (expected {list(expected[k])})"
+                 for k in expected if k in converted and tuple(converted[k].shape) != expected[k]]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            problems.append(f"{len(items)} {label}: " + "; ".join(items[:5]) + (f"; … {len(items) - 5} more" if len(items) > 5 else ""))
+    if problems:
+        raise CheckpointError(f"{path}: does not match the SDXL VAE ({layout} layout): " + " | ".join(problems)
+                              + ". It may be a VAE for another model (SD3/Flux VAEs have 16 latent channels).")
+    return VAEFile(vae=cfg, layout=layout, prefix=prefix, fp16_fix=_is_fp16_fix(path)), shapes
+
+
+def load_vae_file(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    inspected: tuple[VAEFile, dict] | None = None,
+) -> AutoencoderKL:
+    """Load a standalone VAE file (either layout), strictly checked, each tensor read memory-mapped."""
+    info, shapes = inspected or inspect_vae(path)
+    with torch.device("meta"):
+        module = AutoencoderKL(info.vae).eval().requires_grad_(False)
+    rel = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in shapes:
+            if key.startswith("loss."):
+                continue
+            t = f.get_tensor(key)
+            if t.is_floating_point():
+                t = t.to(device=device, dtype=dtype)
+            rel[key[len(info.prefix):]] = t
+    module.load_state_dict(_vae_file_to_sgm(rel, info.layout, info.vae), strict=True, assign=True)
+    return module

@@ -76,6 +76,11 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _stat(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 class ModelManager:
     """Loads networks on demand and frees the least recently used ones when memory runs short."""
 
@@ -85,6 +90,52 @@ class ModelManager:
         self._resident: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()  # LRU order: oldest first
         self._inspected: dict[tuple[str, int, int], tuple[SDXLConfig, dict]] = {}
         self.loads = 0  # how many networks were read from disk (tests and stats)
+        self._vae_files: dict[str, tuple] = {}  # resolved path → (VAEFile, shapes) of standalone VAEs
+        self._loras: OrderedDict[tuple, object] = OrderedDict()  # LoRA files read and matched, LRU order
+        self.lora_reads = 0
+
+    # -- standalone VAE files --------------------------------------------------------------------
+    def inspect_vae(self, path: str | os.PathLike) -> checkpoint.VAEFile:
+        """Check a standalone VAE file (SGM or diffusers keys); `get(path, "vae")` then loads it."""
+        p = Path(path)
+        with self._lock:
+            info = checkpoint.inspect_vae(p)
+            self._vae_files[str(p.resolve())] = info
+            return info[0]
+
+    def vae_dtype(self, info: checkpoint.VAEFile) -> torch.dtype:
+        """fp16 for the fp16-fix VAE on CUDA (what it was made for); otherwise the usual VAE dtype
+        (fp32, or bf16 on a GPU that has it: the original SDXL VAE overflows in fp16)."""
+        if info.fp16_fix and torch.device(self.options.device).type == "cuda":
+            return torch.float16
+        return self.options.dtype_for("vae")
+
+    def _load_vae_file(self, path, key, info, shapes) -> nn.Module:
+        dtype = self.vae_dtype(info)
+        n = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if not k.startswith("loss."))
+        self._make_room(n * BYTES_PER.get(dtype, 4), keep=key)
+        return checkpoint.load_vae_file(path, device=self.options.device, dtype=dtype, inspected=(info, shapes))
+
+    # -- LoRA files ------------------------------------------------------------------------------
+    MAX_LORAS = 16
+
+    def lora(self, path: str | os.PathLike, config: SDXLConfig):
+        """The LoRA at `path` matched to `config` (lora.LoraPatches), cached by path, size and mtime, so
+        the same file gives the same object run after run and a strength change re-patches only."""
+        from . import lora
+
+        p = Path(path)
+        key = (str(p.resolve()), *_stat(p), config)
+        with self._lock:
+            if key in self._loras:
+                self._loras.move_to_end(key)
+                return self._loras[key]
+            lp = lora.load_lora(p, config)
+            self.lora_reads += 1
+            self._loras[key] = lp
+            while len(self._loras) > self.MAX_LORAS:
+                self._loras.popitem(last=False)
+            return lp
 
     # -- files -----------------------------------------------------------------------------------
     def inspect(self, path: str | os.PathLike) -> tuple[SDXLConfig, dict]:
@@ -97,20 +148,55 @@ class ModelManager:
         return self._inspected[key]
 
     # -- networks --------------------------------------------------------------------------------
-    def get(self, path: str | os.PathLike, part: str) -> nn.Module:
-        """The network `part` of the checkpoint at `path`, loaded if it is not resident."""
+    def get(self, path: str | os.PathLike, part: str, patches: tuple = ()) -> nn.Module:
+        """The network `part` of the checkpoint at `path`, loaded if it is not resident.
+
+        `patches`: the LoRA stack `((LoraPatches, strength), …)` the caller wants applied (lora.py).
+        The resident module is patched in place to exactly that stack; weights patched for an earlier
+        request are first re-read from the file (only those tensors), so no second copy is kept.
+        """
+        with self._lock:
+            module = self._get(path, part)
+            return self._patch(path, part, module, patches)
+
+    def _patch(self, path, part, module: nn.Module, patches: tuple) -> nn.Module:
+        from . import lora
+
+        state = getattr(module, "_sdxl_patch_state", None)
+        if not patches and (state is None or not state.patched):
+            return module
+        if state is not None and state.patched and getattr(module, "_sdxl_source_stat", None) != _stat(path):
+            log.info("%s changed on disk since its %s was loaded: loading it again", path, part)
+            self.evict(str(path), part)
+            module = self._get(path, part)
+        cfg, shapes = self.inspect(path)
+        dtype = self.options.dtype_for(part)
+
+        def restore(keys):
+            return checkpoint.read_module_tensors(path, part, keys, device=self.options.device, dtype=dtype,
+                                                  inspected=(cfg, shapes))
+
+        lora.patch_module(module, part, tuple(patches), restore)
+        return module
+
+    def _get(self, path: str | os.PathLike, part: str) -> nn.Module:
         key = (str(Path(path).resolve()), part)
         with self._lock:
             if key in self._resident:
                 self._resident.move_to_end(key)
                 return self._resident[key]
-            cfg, shapes = self.inspect(path)
-            dtype = self.options.dtype_for(part)
-            self._make_room(self._estimate_bytes(cfg, shapes, part, dtype), keep=key)
-            module = checkpoint.load_part(
-                path, part, device=self.options.device, dtype=dtype, inspected=(cfg, shapes)
-            )
+            vae_file = self._vae_files.get(key[0])
+            if vae_file is not None and part == "vae":
+                module = self._load_vae_file(path, key, *vae_file)
+            else:
+                cfg, shapes = self.inspect(path)
+                dtype = self.options.dtype_for(part)
+                self._make_room(self._estimate_bytes(cfg, shapes, part, dtype), keep=key)
+                module = checkpoint.load_part(
+                    path, part, device=self.options.device, dtype=dtype, inspected=(cfg, shapes)
+                )
             self.loads += 1
+            module._sdxl_source_stat = _stat(path)  # restoring patched weights needs the same file
             self._resident[key] = module
             return module
 
@@ -163,9 +249,12 @@ class ModelRef:
     path: str
     part: str
     config: SDXLConfig
+    # LoRAs to apply, in chain order: ((lora.LoraPatches, strength), …); a LoRA node returns a copy
+    # of its input handle with one more entry, so the payload never carries weights of its own
+    patches: tuple = ()
 
     def load(self) -> nn.Module:
-        return self.manager.get(self.path, self.part)
+        return self.manager.get(self.path, self.part, self.patches)
 
     @property
     def kind(self) -> str:

@@ -13,9 +13,8 @@ reading, so a prompt typed in ComfyUI gives the same (token, weight) chunks here
   plain text (`a) (b)` is one unweighted segment); an unclosed `(` makes the rest of its text one
   item, which is a weighted group only if it ends in `)` (`((cat)` → `(cat` at 1.1).
 * Each weighted segment is one "word" for chunking (ComfyUI no longer splits on spaces); a segment
-  is split only before ` embedding:` / `\\nembedding:`. Textual-inversion embeddings are not
-  supported: like ComfyUI when the embedding file does not exist, the `embedding:name` word is
-  dropped with a warning and the text after the name is kept.
+  is split only before ` embedding:` / `\\nembedding:`; `embedding:name` is then a word of its own
+  (its vectors come from the embeddings folder, text.py) and the text after the name another.
 * Chunks: BOS + up to 75 tokens + EOS + padding to 77 with the stream's pad token (weight 1.0 for
   all three). A word of ≥ 8 tokens may be split across chunks; a shorter word that does not fit is
   moved whole to the next chunk. An empty prompt is one chunk [BOS, EOS, pad…].
@@ -171,8 +170,9 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 def split_words(segment: str) -> list[str]:
     """A weighted segment → the words ComfyUI tokenizes separately (chunking never splits a short word).
 
-    The segment is cut before each ` embedding:`/`\\nembedding:`. Embedding words are dropped with a
-    warning (not supported), keeping what follows the name, exactly as ComfyUI does for a missing one.
+    The segment is cut before each ` embedding:`/`\\nembedding:`. An embedding word becomes the word
+    `embedding:<name>` (read by text.py's tokenizer as the file's vectors) followed by what came after
+    the name, as ComfyUI does.
     """
     pieces = _EMBEDDING_SPLIT.split(segment)
     words = [pieces[0]] + [EMBEDDING_PREFIX + p for p in pieces[1:]]
@@ -189,7 +189,7 @@ def split_words(segment: str) -> list[str]:
             stripped = name.strip(",")
             if len(stripped) < len(name):  # ComfyUI retries without commas and keeps this tail
                 leftover = f"{name[len(stripped):]} {leftover}"
-            log.warning("textual-inversion embeddings are not supported: %r ignored", EMBEDDING_PREFIX + name)
+            out.append(EMBEDDING_PREFIX + stripped)  # its own word: the tokenizer turns it into vectors
             if leftover == "":
                 continue
             word = leftover

@@ -13,9 +13,9 @@ from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file
+from test_hyperparameters import literal_clip_config  # the released configs, written out (issue 11)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_nodes.sdxl_core.clip import hf_config
 from sdxl_nodes.sdxl_core.unet import timestep_embedding
 
 REL_TOL = 1e-5
@@ -126,7 +126,7 @@ def test_text_encoders_match_diffusers_conversion(tiny_checkpoints, tiny_base, t
     for ours, kind in ((tiny_base, "base"), (tiny_refiner, "refiner")):
         sd = load_file(str(tiny_checkpoints[kind]))
         cfg = ours.config
-        ref_g = CLIPTextModelWithProjection(hf_config(cfg.clip_g)).eval()
+        ref_g = CLIPTextModelWithProjection(literal_clip_config("clip_g", tiny=True)).eval()
         prefix = "conditioner.embedders.0.model." if cfg.is_refiner else "conditioner.embedders.1.model."
         conv = sfu.convert_open_clip_checkpoint(ref_g, sd, prefix=prefix)
         conv.pop("text_model.embeddings.position_ids", None)
@@ -143,7 +143,7 @@ def test_text_encoders_match_diffusers_conversion(tiny_checkpoints, tiny_base, t
         assert torch.allclose(a.text_embeds[1], ours.clip_g.text_projection(a.last_hidden_state[1, 5]), atol=1e-5)
 
     sd = load_file(str(tiny_checkpoints["base"]))
-    ref_l = CLIPTextModel(hf_config(tiny_base.config.clip_l)).eval()
+    ref_l = CLIPTextModel(literal_clip_config("clip_l", tiny=True)).eval()
     conv = sfu.convert_ldm_clip_checkpoint(sd)
     conv = {k: v for k, v in conv.items() if "position_ids" not in k}
     ref_l.load_state_dict(_hf_keys(conv, ref_l), strict=True)

@@ -6,7 +6,6 @@ same rules (written for this test) cross-checks the linear parser on random stri
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 
@@ -151,12 +150,10 @@ def test_words_are_whole_segments():
     assert split_words("a red car, on a wet road") == ["a red car, on a wet road"]
 
 
-def test_embedding_words_are_dropped_keeping_the_rest(caplog):
-    with caplog.at_level(logging.WARNING):
-        assert split_words("a cat embedding:foo blue sky") == ["a cat", "blue sky"]
-    assert "embedding:foo" in caplog.text
-    assert split_words("embedding:foo") == []
-    assert split_words("x\nembedding:foo, bar") == ["x", ", bar"]  # ComfyUI's comma retry keeps ", bar"
+def test_embedding_words_are_their_own_words_keeping_the_rest():
+    assert split_words("a cat embedding:foo blue sky") == ["a cat", "embedding:foo", "blue sky"]
+    assert split_words("embedding:foo") == ["embedding:foo"]
+    assert split_words("x\nembedding:foo, bar") == ["x", "embedding:foo", ", bar"]  # ComfyUI's comma retry keeps ", bar"
     assert split_words("x embedding:") == ["x", "embedding:"]  # ComfyUI raises IndexError; kept as text
     assert split_words("xembedding:foo") == ["xembedding:foo"]  # needs a space or newline before it
 

@@ -12,9 +12,9 @@ ComfyUI's own nodes stand. Adding a module: import it below and add its ``NODES`
 
 from __future__ import annotations
 
-from . import conditioning, images, latent, loaders, sampling
+from . import conditioning, images, latent, loaders, loras, sampling
 
-MODULES = (loaders, conditioning, latent, sampling, images)
+MODULES = (loaders, loras, conditioning, latent, sampling, images)
 
 NODES = tuple(cls for module in MODULES for cls in module.NODES)
 

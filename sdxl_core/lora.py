@@ -1,0 +1,537 @@
+"""LoRA / LyCORIS files for SDXL: reading them, finding the weight each key patches, and patching in place.
+
+Semantics follow ComfyUI v0.8 (`comfy/lora.py`, `comfy/weight_adapter/{lora,loha,lokr,base}.py`,
+`comfy/model_patcher.py`), re-implemented here:
+
+* Formats, matched by the name in front of the tensor suffix:
+  kohya-ss/sd-scripts `lora_unet_*` (SGM or diffusers module names, `.` → `_`), `lora_te1_*` (CLIP-L),
+  `lora_te2_*` (bigG; on a refiner `lora_te_*` is bigG), diffusers/PEFT `unet.<diffusers name>`,
+  `text_encoder.*`, `text_encoder_2.*` (also the old `.processor.to_q` spelling), ComfyUI's own saved
+  form `diffusion_model.<sgm name>` / `text_encoders.clip_{l,g}.transformer.*`, SimpleTuner `lycoris_*`.
+  Suffixes: `lora_up/lora_down[/lora_mid]` (LoCon convs incl. the Tucker mid conv), `lora_B/lora_A`,
+  `_lora.up/down`, `.lora.up/down`, `lora_linear_layer.up/down`; LyCORIS LoHa `hada_w{1,2}_{a,b}`
+  [+ `hada_t{1,2}`], LoKr `lokr_w{1,2}[_a,_b]` [+ `lokr_t2`]; full differences `diff`/`diff_b`,
+  `w_norm`/`b_norm`; `alpha` and DoRA's `dora_scale`.
+* Scale: LoRA `alpha / rank` (rank = rows of the down matrix), 1 without alpha; LoHa `alpha / rows of
+  w1_b`; LoKr `alpha / rows of the last factor matrix that was decomposed`, 1 when both are full.
+* Patching: for each patched weight, W32 = W in float32; for every (LoRA, strength) in the order the
+  LoRA nodes are chained, W32 += (strength · scale) · ΔW computed in float32; then W = W32 cast back
+  to the storage dtype. Strength 0 skips that LoRA for that weight (so strength 0 = no LoRA, bit for bit).
+
+The module keeps no backup of its weights: `PatchState` records which weights were patched, and the
+caller restores exactly those from the (memory-mapped) checkpoint before patching anew.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import SDXLConfig
+from .diffusers_keys import unet_sgm_to_diffusers
+from .errors import SDXLError
+
+log = logging.getLogger(__name__)
+
+
+class LoraError(SDXLError):
+    """A LoRA file that cannot be used with this model (wrong family, damaged, unsupported)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Which LoRA names patch which weight
+
+
+def _canonical_clip_key(key: str) -> str:
+    """A transformers CLIP key with the `text_model.` level, whatever this transformers version uses."""
+    if key.startswith("text_model.") or key.startswith("text_projection."):
+        return key
+    return "text_model." + key
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_shapes(cfg: SDXLConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    from .checkpoint import build_modules
+
+    return {p: {k: tuple(v.shape) for k, v in m.state_dict().items()} for p, m in build_modules(cfg).items()}
+
+
+@functools.lru_cache(maxsize=8)
+def target_map(cfg: SDXLConfig) -> dict[str, tuple[str, str]]:
+    """LoRA base name (the key without its `.lora_up.weight`-style suffix) → (network, module weight key)."""
+    from .checkpoint import build_modules
+
+    modules = build_modules(cfg)  # on meta: names only
+    out: dict[str, tuple[str, str]] = {}
+
+    # UNet: SGM names (kohya on the SGM UNet, ComfyUI's saved form) and diffusers names
+    to_diffusers = unet_sgm_to_diffusers(cfg.unet)
+    for k in modules["unet"].state_dict():
+        if not k.endswith(".weight"):
+            continue
+        base = k[: -len(".weight")]
+        t = ("unet", k)
+        out["lora_unet_" + base.replace(".", "_")] = t
+        out["diffusion_model." + base] = t
+        d = to_diffusers[k][: -len(".weight")]
+        out["lora_unet_" + d.replace(".", "_")] = t
+        out["lycoris_" + d.replace(".", "_")] = t
+        processor = d.replace(".to_", ".processor.to_")
+        if processor.endswith(".to_out.0"):
+            processor = processor[:-2]
+        for p in ("", "unet."):
+            out[p + d] = t
+            out[p + processor] = t
+
+    # Text encoders: kohya te1/te2 (te on a refiner), diffusers text_encoder(_2), ComfyUI's text_encoders.*
+    if cfg.clip_l is not None:
+        streams = {"clip_l": ("lora_te1_", "text_encoder."), "clip_g": ("lora_te2_", "text_encoder_2.")}
+        extra = {"clip_l": ("lora_te_",), "clip_g": ()}  # ComfyUI maps SD1-style lora_te_ to CLIP-L too
+    else:
+        streams = {"clip_g": ("lora_te_", "text_encoder.")}
+        extra = {"clip_g": ()}
+    for part, (kohya, diffusers) in streams.items():
+        for k in modules[part].state_dict():
+            if not k.endswith(".weight"):
+                continue
+            c = _canonical_clip_key(k)[: -len(".weight")]
+            t = (part, k)
+            for p in (kohya, *extra[part]):
+                out[p + c.replace(".", "_")] = t
+            out[diffusers + c] = t
+            out[f"text_encoders.{part}.transformer." + c] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Adapters: one patch of one weight
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """One weight's patch from one LoRA file. `delta(shape)` is ΔW·scale in float32 (strength not applied)."""
+
+    kind: str  # lora | loha | lokr | diff
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
+
+    # -- shapes, checked before anything is patched
+    def numel(self) -> int:
+        t = self.tensors
+        if self.kind == "diff":
+            return t["diff"].numel()
+        if self.kind == "lora":
+            up, down, mid = t["up"], t["down"], t.get("mid")
+            n = up.shape[0] * down.shape[1]
+            spatial = (mid if mid is not None else down).shape[2:]
+            for s in spatial:
+                n *= s
+            for s in up.shape[2:]:
+                n *= s
+            return n
+        if self.kind == "loha":
+            if "t1" in t:
+                return t["w1a"].shape[1] * t["w1b"].shape[1] * t["t1"].shape[2] * t["t1"].shape[3]
+            return t["w1a"].shape[0] * t["w1b"].shape[1]
+        w1, w2 = self._lokr_factor_shapes()
+        n = 1
+        for s in (*w1, *w2):
+            n *= s
+        return n
+
+    def _lokr_factor_shapes(self):
+        t = self.tensors
+        w1 = tuple(t["w1"].shape) if "w1" in t else (t["w1_a"].shape[0], t["w1_b"].shape[1])
+        if "w2" in t:
+            w2 = tuple(t["w2"].shape)
+        elif "t2" in t:
+            w2 = (t["w2_a"].shape[1], t["w2_b"].shape[1], *t["t2"].shape[2:])
+        else:
+            w2 = (t["w2_a"].shape[0], t["w2_b"].shape[1])
+        return w1, w2
+
+    def out_features(self) -> int | None:
+        t = self.tensors
+        if self.kind == "lora":
+            return t["up"].shape[0]
+        if self.kind == "diff":
+            return t["diff"].shape[0]
+        return None
+
+    # -- the maths (fp32 on `device`)
+    def delta(self, shape: torch.Size, device) -> torch.Tensor:
+        t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+        if self.kind == "diff":
+            return t["diff"].reshape(shape)
+        if self.kind == "lora":
+            up, down = t["up"], t["down"]
+            scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
+            if "mid" in t:  # Tucker: down [r, in, 1, 1], mid [r, r, kh, kw] → [r, in, kh, kw]
+                mid = t["mid"]
+                full = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+                down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1))
+                down = down.reshape(full).transpose(0, 1)
+            d = torch.mm(up.flatten(1), down.flatten(1)).reshape(shape)  # (out, in·kh·kw) → weight shape
+            return d, scale
+        if self.kind == "loha":
+            scale = self.alpha / t["w1b"].shape[0] if self.alpha is not None else 1.0
+            if "t1" in t:
+                m1 = torch.einsum("i j k l, j r, i p -> p r k l", t["t1"], t["w1b"], t["w1a"])
+                m2 = torch.einsum("i j k l, j r, i p -> p r k l", t["t2"], t["w2b"], t["w2a"])
+            else:
+                m1 = t["w1a"] @ t["w1b"]
+                m2 = t["w2a"] @ t["w2b"]
+            return (m1 * m2).reshape(shape), scale
+        # lokr: ΔW = w1 ⊗ w2, each factor full or a product of two matrices
+        dim = None
+        if "w1" in t:
+            w1 = t["w1"]
+        else:
+            dim = t["w1_b"].shape[0]
+            w1 = t["w1_a"] @ t["w1_b"]
+        if "w2" in t:
+            w2 = t["w2"]
+        else:
+            dim = t["w2_b"].shape[0]
+            if "t2" in t:
+                w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["t2"], t["w2_b"], t["w2_a"])
+            else:
+                w2 = t["w2_a"] @ t["w2_b"]
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        scale = self.alpha / dim if (self.alpha is not None and dim is not None) else 1.0
+        return torch.kron(w1, w2).reshape(shape), scale
+
+    def row_chunkable(self) -> bool:
+        """A plain LoRA (no Tucker mid, no DoRA): ΔW's rows r0:r1 need only up[r0:r1]."""
+        return self.kind == "lora" and self.dora_scale is None and "mid" not in self.tensors
+
+    def apply_rows(self, w32: torch.Tensor, strength: float, r0: int, r1: int) -> None:
+        """`apply` on rows r0:r1 of the weight only (w32 holds just those rows)."""
+        up = self.tensors["up"][r0:r1].to(device=w32.device, dtype=torch.float32)
+        down = self.tensors["down"].to(device=w32.device, dtype=torch.float32)
+        scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
+        w32 += (strength * scale) * torch.mm(up.flatten(1), down.flatten(1)).reshape(w32.shape)
+
+    def apply(self, w32: torch.Tensor, strength: float) -> torch.Tensor:
+        """w32 + strength · scale · ΔW (or DoRA's re-normalised weight); w32 is float32, updated in place."""
+        if self.kind == "diff":
+            w32 += strength * self.delta(w32.shape, w32.device)
+            return w32
+        d, scale = self.delta(w32.shape, w32.device)
+        if self.dora_scale is None:
+            w32 += (strength * scale) * d  # ComfyUI's order: (strength · scale) · ΔW, added in fp32
+            return w32
+        # DoRA (ComfyUI base.weight_decompose): rescale W + scale·ΔW to the trained magnitude
+        m = self.dora_scale.to(device=w32.device, dtype=torch.float32)
+        calc = w32 + scale * d
+        if m.shape[0] == calc.shape[0]:
+            norm = w32.reshape(w32.shape[0], -1).norm(dim=1, keepdim=True).reshape(w32.shape[0], *[1] * (w32.dim() - 1))
+        else:
+            norm = (calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+                    .reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1))
+        calc *= m / (norm + torch.finfo(torch.float32).eps)
+        if strength != 1.0:
+            w32 += strength * (calc - w32)
+        else:
+            w32.copy_(calc)
+        return w32
+
+
+_LORA_PAIRS = (  # (up suffix, down suffix, mid suffix or None)
+    (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
+    (".lora_B.weight", ".lora_A.weight", None),
+    ("_lora.up.weight", "_lora.down.weight", None),
+    (".lora.up.weight", ".lora.down.weight", None),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
+    (".lora_B.default.weight", ".lora_A.default.weight", None),
+)
+_LOHA = {"w1a": ".hada_w1_a", "w1b": ".hada_w1_b", "w2a": ".hada_w2_a", "w2b": ".hada_w2_b", "t1": ".hada_t1", "t2": ".hada_t2"}
+_LOKR = {"w1": ".lokr_w1", "w2": ".lokr_w2", "w1_a": ".lokr_w1_a", "w1_b": ".lokr_w1_b", "w2_a": ".lokr_w2_a",
+         "w2_b": ".lokr_w2_b", "t2": ".lokr_t2"}
+
+
+def _take(sd: dict, used: set, key: str):
+    v = sd.get(key)
+    if v is not None:
+        used.add(key)
+    return v
+
+
+def _adapters_for(base: str, sd: dict[str, torch.Tensor], used: set[str]) -> list[tuple[str, Adapter]]:
+    """The patches named `base` in the file: [(which weight: 'weight' | 'bias', adapter)]."""
+    alpha_t = _take(sd, used, base + ".alpha")
+    alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else None
+    dora = _take(sd, used, base + ".dora_scale")
+    found: list[tuple[str, Adapter]] = []
+    for up_s, down_s, mid_s in _LORA_PAIRS:
+        if base + up_s in sd:
+            if base + down_s not in sd:
+                raise LoraError(f"'{base + up_s}' has no matching '{base + down_s}'")
+            t = {"up": _take(sd, used, base + up_s), "down": _take(sd, used, base + down_s)}
+            if mid_s and base + mid_s in sd:
+                t["mid"] = _take(sd, used, base + mid_s)
+            found.append(("weight", Adapter("lora", t, alpha, dora)))
+            break
+    if base + ".hada_w1_a" in sd:
+        t = {k: _take(sd, used, base + s) for k, s in _LOHA.items() if base + s in sd}
+        found.append(("weight", Adapter("loha", t, alpha, dora)))
+    if any(base + s in sd for s in (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a")):
+        t = {k: _take(sd, used, base + s) for k, s in _LOKR.items() if base + s in sd}
+        found.append(("weight", Adapter("lokr", t, alpha, dora)))
+    for suffix, which in ((".diff", "weight"), (".w_norm", "weight"), (".diff_b", "bias"), (".b_norm", "bias")):
+        v = _take(sd, used, base + suffix)
+        if v is not None:
+            found.append((which, Adapter("diff", {"diff": v})))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. A parsed file
+
+
+@dataclass(frozen=True, eq=False)
+class LoraPatches:
+    """A LoRA file matched against one SDXL config: per network, weight key → adapter."""
+
+    path: str
+    kind: str  # the SDXL kind it was matched against
+    patches: dict[str, dict[str, Adapter]]
+    unmatched: tuple[str, ...] = ()
+    stats: dict = field(default_factory=dict)
+
+    def parts(self) -> set[str]:
+        return {p for p, d in self.patches.items() if d}
+
+
+_CTX_KEY = re.compile(r"attn2[._]to_k")
+_FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL base", 1280: "SDXL refiner"}
+_DOWN_SUFFIXES = tuple(pair[1] for pair in _LORA_PAIRS)
+
+
+def _context_width(sd: dict[str, torch.Tensor]) -> int | None:
+    """The text-conditioning width a LoRA was trained with: the input width of a cross-attention to_k."""
+    for k, v in sd.items():
+        if not _CTX_KEY.search(k) or v.ndim < 2:
+            continue
+        if any(k.endswith(s) for s in _DOWN_SUFFIXES):
+            return int(v.shape[1])
+        if k.endswith(".hada_w1_b") or k.endswith(".diff"):
+            return int(v.shape[-1])
+    return None
+
+
+def match(sd: dict[str, torch.Tensor], cfg: SDXLConfig, path: str = "<lora>", shapes: dict | None = None) -> LoraPatches:
+    """Match a LoRA state dict to the weights of an SDXL `cfg`. Raises LoraError for another model family
+    or mis-shaped patches; keys that match no weight are collected in `unmatched` (the caller warns once).
+
+    `shapes`: network → {weight key: shape}; built from `cfg` on the meta device when not given.
+    """
+    name = os.path.basename(path)
+    width = _context_width(sd)
+    if width is not None and width != cfg.unet.context_dim:
+        family = _FAMILIES.get(width, f"a model with {width}-wide text conditioning")
+        other = "refiner" if cfg.is_refiner else "base"
+        hint = (f"Load it with the {'base' if cfg.is_refiner else 'refiner'} checkpoint instead."
+                if family.startswith("SDXL") else "Use a LoRA made for SDXL.")
+        raise LoraError(f"{name}: this LoRA was trained for {family}, but it is applied to the SDXL {other} "
+                        f"model (its cross-attention input width says so). {hint}")
+    if shapes is None:
+        shapes = _weight_shapes(cfg)
+    targets = target_map(cfg)
+    used: set[str] = set()
+    patches: dict[str, dict[str, list[Adapter]]] = {}
+    bad: list[str] = []
+    for base in _bases(sd):
+        if base not in targets:
+            continue
+        part, wkey = targets[base]
+        for which, adapter in _adapters_for(base, sd, used):
+            key = wkey if which == "weight" else wkey[: -len("weight")] + "bias"
+            target = shapes[part].get(key)
+            if target is None:
+                bad.append(f"{base}: {part} has no {key}")
+                continue
+            n = 1
+            for s in target:
+                n *= s
+            out = adapter.out_features()
+            if adapter.numel() != n or (out is not None and out != target[0]):
+                bad.append(f"{base} → {part}.{key}: patch has {adapter.numel()} values, weight {list(target)}")
+                continue
+            patches.setdefault(part, {}).setdefault(key, []).append(adapter)
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; … {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise LoraError(f"{name}: {len(bad)} LoRA patches do not fit the SDXL {cfg.kind} weights ({shown}). "
+                        "The LoRA is for another model.")
+    unmatched = tuple(sorted(k for k in sd if k not in used))
+    flat = {p: {k: tuple(v) for k, v in d.items()} for p, d in patches.items()}
+    return LoraPatches(path=str(path), kind=cfg.kind, patches=flat, unmatched=unmatched)
+
+
+_SUFFIXES = tuple(
+    sorted({s for pair in _LORA_PAIRS for s in pair if s} | set(_LOHA.values()) | set(_LOKR.values())
+           | {".alpha", ".dora_scale", ".diff", ".diff_b", ".w_norm", ".b_norm"}, key=len, reverse=True)
+)
+
+
+def _bases(sd: dict) -> list[str]:
+    """The distinct names in front of a known suffix, in file order."""
+    seen: dict[str, None] = {}
+    for k in sd:
+        for s in _SUFFIXES:
+            if k.endswith(s):
+                seen.setdefault(k[: -len(s)], None)
+                break
+    return list(seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Reading a file
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a LoRA .safetensors file (pickles are refused: they can run code).
+
+    Read with plain file reads into the final tensors, not memory-mapped: while the LoRA stays loaded
+    its file's pages are not also counted in the process's memory.
+    """
+    import json
+
+    from .checkpoint import _check_file
+    from .errors import CheckpointError
+
+    p = Path(path)
+    try:
+        _check_file(p)
+    except CheckpointError as e:
+        raise LoraError(str(e).replace("checkpoint", "LoRA")) from None
+    size = p.stat().st_size
+    out: dict[str, torch.Tensor] = {}
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise LoraError(f"{p}: the safetensors header is not valid JSON ({e})") from None
+        base = 8 + n
+        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            start, end = info["data_offsets"]
+            shape = info["shape"]
+            if dtype is None:
+                raise LoraError(f"{p}: tensor {name} has dtype {info.get('dtype')}, which LoRAs here cannot use")
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if end - start != numel * torch.empty((), dtype=dtype).element_size() or base + end > size:
+                raise LoraError(f"{p}: tensor {name} does not fit the file (truncated download?)")
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(base + start)
+            if f.readinto(memoryview(buf.numpy())) != end - start:
+                raise LoraError(f"{p}: file ends inside tensor {name} (truncated download?)")
+            out[name] = buf.view(dtype).reshape(shape)
+    if not out:
+        raise LoraError(f"{p}: the file holds no tensors")
+    return out
+
+
+def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
+    """Read and match a LoRA file; warns once with the count of keys that patch nothing."""
+    sd = read_lora_file(path)
+    lp = match(sd, cfg, str(path))
+    if lp.unmatched:
+        shown = ", ".join(lp.unmatched[:5]) + (", …" if len(lp.unmatched) > 5 else "")
+        log.warning("%s: %d LoRA keys match no SDXL %s weight and are ignored: %s",
+                    os.path.basename(str(path)), len(lp.unmatched), cfg.kind, shown)
+    if not any(lp.patches.values()):
+        raise LoraError(f"{path}: no key of this file patches an SDXL {cfg.kind} weight "
+                        f"({len(sd)} keys, e.g. {next(iter(sd))}); it is not an SDXL LoRA in a known format")
+    return lp
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Patching a module in place
+
+
+Stack = tuple[tuple[LoraPatches, float], ...]  # (LoRA, strength) in chain order
+RESTORE_BATCH = 4  # patched tensors re-read from the checkpoint per batch when restoring
+ROW_BLOCK_ABOVE = 1 << 20  # weights with more elements are patched in row blocks of about this size
+
+
+@dataclass
+class PatchState:
+    """What is applied to one module now: the stack, and which weights differ from the file."""
+
+    stack: Stack = ()
+    patched: frozenset[str] = frozenset()
+
+    def signature(self) -> tuple:
+        return tuple((id(lp), float(s)) for lp, s in self.stack)
+
+
+def stack_signature(stack: Stack) -> tuple:
+    return tuple((id(lp), float(s)) for lp, s in stack)
+
+
+def patch_module(module: torch.nn.Module, part: str, stack: Stack,
+                 restore: Callable[[Iterable[str]], dict[str, torch.Tensor]]) -> PatchState:
+    """Make `module`'s weights equal the file's plus `stack`, touching only weights that change.
+
+    `restore(keys)` returns the original (as loaded) tensors of those keys. Weights patched before
+    are restored first; the state is stored on the module (`module._sdxl_patch_state`).
+    """
+    state: PatchState = getattr(module, "_sdxl_patch_state", None) or PatchState()
+    if state.signature() == stack_signature(stack):
+        return state
+    wanted: dict[str, list[tuple[Adapter, float]]] = {}
+    for lp, strength in stack:
+        if strength == 0.0:
+            continue
+        for key, adapters in lp.patches.get(part, {}).items():
+            wanted.setdefault(key, []).extend((a, float(strength)) for a in adapters)
+    params = dict(module.named_parameters())
+    params.update(dict(module.named_buffers()))
+    with torch.no_grad():
+        # 1. back to the file's values wherever anything was patched
+        keys = sorted(state.patched)
+        for i in range(0, len(keys), RESTORE_BATCH):  # a few tensors at a time: never a copy of them all
+            for key, value in restore(keys[i : i + RESTORE_BATCH]).items():
+                params[key].copy_(value)
+        module._sdxl_patch_state = PatchState()
+        # 2. each weight: fp32, every patch in chain order, back to the storage dtype; large weights
+        #    patched by plain LoRAs go a block of rows at a time, so the fp32 temporaries stay small
+        for key, patches in wanted.items():
+            p = params[key]
+            rows = p.shape[0]
+            if p.numel() > ROW_BLOCK_ABOVE and all(a.row_chunkable() for a, _ in patches):
+                step = max(1, ROW_BLOCK_ABOVE // (p.numel() // rows))
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    w32 = p[r0:r1].to(torch.float32, copy=True)
+                    for adapter, strength in patches:
+                        adapter.apply_rows(w32, strength, r0, r1)
+                    p[r0:r1].copy_(w32.to(p.dtype))
+                continue
+            w32 = p.detach().to(torch.float32, copy=True)
+            for adapter, strength in patches:
+                w32 = adapter.apply(w32, strength)
+            p.copy_(w32.to(p.dtype))
+            del w32
+    new = PatchState(stack=tuple(stack), patched=frozenset(wanted))
+    module._sdxl_patch_state = new
+    return new
