@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first and pinned: this machine's local CPU build (a bare `torch` would pull a multi-GB CUDA build)
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,ray]"  # ray: CI runs the --ray tests too
