@@ -310,9 +310,13 @@ class Manifest:
                 os.fsync(f.fileno())
 
 
-def make_record(job: Job, status: str, files: list[str], seconds: float, error: str | None) -> dict:
-    return {"job": job.number, "key": job.key, "overrides": job.override_values(), "seed": job_seeds(job.prompt),
-            "files": files, "seconds": round(seconds, 3), "status": status, "error": error}
+def make_record(job: Job, status: str, files: list[str], seconds: float, error: str | None,
+                worker: str | None = None) -> dict:
+    record = {"job": job.number, "key": job.key, "overrides": job.override_values(), "seed": job_seeds(job.prompt),
+              "files": files, "seconds": round(seconds, 3), "status": status, "error": error}
+    if worker is not None:
+        record["worker"] = worker  # Ray runs: which worker process made it (host:pid)
+    return record
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -66,7 +67,8 @@ class Worker:
             path = self.root / "output" / rel
             out.append({"path": rel, "data": path.read_bytes()})
             path.unlink()  # the driver keeps the file; the worker keeps nothing
-        return {"status": status, "files": out, "seconds": seconds, "error": error, "pid": os.getpid()}
+        return {"status": status, "files": out, "seconds": seconds, "error": error,
+                "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def place_file(output_dir: Path, rel: str, data: bytes) -> str:
@@ -162,7 +164,8 @@ def run_ray(jobs: list[Job], args, manifest: Manifest, progress: BatchProgress) 
                 except RayError as e:
                     res = {"status": "failed", "files": [], "seconds": 0.0, "error": f"Ray error: {e}"}
                 files = [place_file(output_dir, f["path"], f["data"]) for f in res["files"]]
-                manifest.append(make_record(job, res["status"], files, res["seconds"], res["error"]))
+                manifest.append(make_record(job, res["status"], files, res["seconds"], res["error"],
+                                            res.get("worker")))
                 if res["status"] == "done":
                     done += 1
                 else:
