@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -429,35 +430,45 @@ def run_local(jobs: list[Job], classes, manifest: Manifest, progress: BatchProgr
     stop = threading.Event()
     state = {"failed": 0, "done": 0}
 
+    finished = threading.Event()
+
     def work():
-        for job in jobs:
-            if stop.is_set():
-                return
-            status, files, seconds, error = runner.run(job)
-            if status == "interrupted" and not stop.is_set():
-                status = "failed"  # a node raised Interrupted on its own
-            manifest.append(make_record(job, status, files, seconds, error))
-            if status == "interrupted":
-                return
-            if status == "failed":
-                state["failed"] += 1
-                progress.write(f"{job.where()} failed: {error}")
-            else:
-                state["done"] += 1
-            progress.job_finished(len(files))
+        if hasattr(signal, "pthread_sigmask"):  # Ctrl-C goes to the main thread only, never into torch's threads
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for job in jobs:
+                if stop.is_set():
+                    return
+                status, files, seconds, error = runner.run(job)
+                if status == "interrupted" and not stop.is_set():
+                    status = "failed"  # a node raised Interrupted on its own
+                manifest.append(make_record(job, status, files, seconds, error))
+                if status == "interrupted":
+                    return
+                if status == "failed":
+                    state["failed"] += 1
+                    progress.write(f"{job.where()} failed: {error}")
+                else:
+                    state["done"] += 1
+                progress.job_finished(len(files))
+        finally:
+            finished.set()
 
     worker = threading.Thread(target=work, name="sdxl-nodes-batch", daemon=True)
     worker.start()
     interrupted = False
-    while worker.is_alive():
+    # Poll with sleep: a Ctrl-C that lands inside Thread.join() can leave the thread looking finished
+    # while it still runs (CPython), and then the process exits under a running torch op and aborts.
+    while not finished.is_set():
         try:
-            worker.join(0.2)
+            time.sleep(0.1)
         except KeyboardInterrupt:
             if not interrupted:
                 progress.write("interrupting: the job in progress stops after this step…")
             interrupted = True
             stop.set()
             runner.interrupt()
+    worker.join()
     return state["failed"], interrupted, state["done"]
 
 
