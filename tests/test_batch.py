@@ -108,6 +108,13 @@ def test_manifest_survives_a_torn_last_line(tmp_path):
     assert m.done_keys(tmp_path) == {"a"}
 
 
+def test_batch_modules_import_neither_torch_nor_ray():
+    code = ("import sys\nimport sdxl_nodes.runtime.batch, sdxl_nodes.runtime.batch_ray\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')"
+            " or m in ('sdxl_nodes.nodes', 'sdxl_nodes.sdxl_core'))\nassert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Running (tiny checkpoints)
 
