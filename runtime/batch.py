@@ -212,10 +212,15 @@ def expand_jobs(sweeps: Iterable[str] = (), *, zip_sweeps: bool = False, jobs_fi
         combos = list(itertools.product(*columns))
     file_jobs = read_jobs_file(jobs_file) if jobs_file else [([], None)]
     jobs = []
+    seen: dict[str, int] = {}
     for (file_overrides, file_origin), combo in itertools.product(file_jobs, combos):
         overrides = list(file_overrides) + [o for o, _ in combo]
         origins = ([file_origin] if file_origin else []) + [origin for _, origin in combo]
-        jobs.append(Job(len(jobs) + 1, overrides, origins))
+        key = job_key(overrides)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:  # the same overrides asked for again (a repeated line): its own manifest entry
+            key = f"{key}-{seen[key]}"
+        jobs.append(Job(len(jobs) + 1, overrides, origins, key))
     return jobs
 
 

@@ -55,6 +55,8 @@ def test_cross_product_of_file_and_range(tmp_path):
         {"2.text_g": "a cat", "7.seed": 3}, {"2.text_g": 42, "7.seed": 3}, {"2.text_g": "null", "7.seed": 3}]
     assert jobs[4].origins == ["prompts.txt line 4", "7.seed=3"]  # the blank line 2 is skipped, not renumbered
     assert len({j.key for j in jobs}) == 6
+    repeated = expand_jobs(['2.text_g=["a", "a"]'])  # a repeated line is its own job for --resume
+    assert repeated[0].overrides == repeated[1].overrides and repeated[0].key != repeated[1].key
 
 
 def test_zip_pairs_line_by_line_and_needs_equal_lengths():
