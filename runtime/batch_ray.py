@@ -107,10 +107,14 @@ def worker_settings(args) -> dict:
 def connect(ray, address: str) -> None:
     if ray.is_initialized():
         return
-    if address == "local":
-        ray.init(namespace=NAMESPACE, log_to_driver=False)
-    else:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        if address == "local":
+            ray.init(namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise CLIError(f"--ray {address}: could not connect to a Ray cluster ({e}). Start one with "
+                       "`ray start --head`, pass its address (ray://HOST:10001), or use --ray local") from e
 
 
 def actor_options(ray, count: int | None) -> tuple[int, dict]:
