@@ -241,7 +241,7 @@ def apply_overrides_to_ui(workflow: dict, overrides: list[str], info: dict) -> N
 
 def cmd_run(args) -> int:
     configure_environment(args)
-    if args.sweep or args.jobs or args.ray:  # many jobs: runtime/batch.py
+    if args.sweep or args.jobs or args.ray or args.resume or args.zip:  # many jobs: runtime/batch.py
         from .batch import run_batch
 
         return run_batch(args, load(args))
