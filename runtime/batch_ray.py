@@ -123,10 +123,12 @@ def actor_options(ray, count: int | None) -> tuple[int, dict]:
     gpus = int(resources.get("GPU", 0))
     if gpus:
         return count or gpus, {"num_gpus": 1}
-    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
-    n = count or nodes
-    cpus = max(1, int(resources.get("CPU", 1)) // n)
-    return n, {"num_cpus": cpus}
+    node_cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1]
+    n = count or len(node_cpus)
+    per_node = -(-n // len(node_cpus))  # workers per machine, rounded up
+    # sized for the smallest machine, so that every worker can be placed (a worker Ray cannot place would
+    # hold its job forever)
+    return n, {"num_cpus": max(1, min(node_cpus) // per_node)}
 
 
 def run_ray(jobs: list[Job], args, manifest: Manifest, progress: BatchProgress) -> tuple[int, bool, int]:

@@ -325,3 +325,21 @@ def test_ray_two_actors_one_killed_mid_run_give_the_local_images(ray_cluster, di
     assert len({r["worker"] for r in remote}) >= 2  # both actors worked (3 processes with the restart)
     for r in remote:
         assert np.array_equal(pixels(ray_out / r["files"][0]), pixels(local_out / local[r["key"]]["files"][0]))
+
+
+def test_ray_workers_fit_the_smallest_machine_and_take_one_gpu_each():
+    from sdxl_nodes.runtime.batch_ray import actor_options
+
+    class Cluster:  # the two calls actor_options makes, answered as Ray would for these machines
+        def __init__(self, cpus, gpus=0):
+            self.cpus, self.gpus = cpus, gpus
+
+        def cluster_resources(self):
+            return {"CPU": float(sum(self.cpus)), "GPU": float(self.gpus)}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": float(c)}} for c in self.cpus]
+
+    assert actor_options(Cluster([2]), 2) == (2, {"num_cpus": 1})  # the test cluster above
+    assert actor_options(Cluster([16, 8]), None) == (2, {"num_cpus": 8})  # 12 each would not fit the 8-CPU one
+    assert actor_options(Cluster([16, 8], gpus=4), None) == (4, {"num_gpus": 1})
