@@ -59,6 +59,11 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray variant")
     args = ap.parse_args()
 
+    if not (args.dir / ("models-full" if args.full else "models-tiny") / "checkpoints" / "sd_xl_base_1.0.safetensors").exists():
+        # in a child process, so that this one does not keep gigabytes of freed tensors resident
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import bench_batch; "
+                        "bench_batch.write_models(bench_batch.Path(sys.argv[2]), sys.argv[3] == '1')",
+                        str(Path(__file__).parent), str(args.dir), "1" if args.full else "0"], check=True)
     models = write_models(args.dir, args.full)
     exe = [sys.executable, "-m", "sdxl_nodes.runtime.cli", "run", str(WORKFLOW)]
     common = ["--set", f"6.width={args.size}", "--set", f"6.height={args.size}", "--set", f"7.steps={args.steps}",
