@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -225,43 +226,65 @@ def test_failing_job_is_recorded_and_the_rest_run(dirs, tmp_path, capsys):
     assert all((dirs["output"] / f).is_file() for r in lines for f in r["files"])
 
 
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and path.read_text().count("\n") >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early: {proc.stderr.read()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no {n} manifest lines after {timeout} s")
+class Run:
+    """`sdxl-nodes run` in a subprocess whose stderr (progress bars included) is read as it comes."""
+
+    def __init__(self, cmd: list[str]):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.err = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while chunk := os.read(self.proc.stderr.fileno(), 65536):
+            self.err += chunk
+
+    def signal_mid_job(self, manifest: Path, lines: int, sig: int, timeout: float = 240) -> None:
+        """Once the manifest has `lines` lines, wait for the next job's sampler to report a step, then signal.
+
+        The step bar says the job is inside its sampler with steps left, so the signal lands mid-job on a
+        fast machine as on a loaded one."""
+        end = time.monotonic() + timeout
+        mark = None
+        while time.monotonic() < end and self.proc.poll() is None:
+            if mark is None and manifest.exists() and manifest.read_text().count("\n") >= lines:
+                mark = len(self.err)
+            if mark is not None and re.search(rb"Base Sampler \[7\]:.*? [1-9]/12 ", self.err[mark:]):
+                self.proc.send_signal(sig)
+                return
+            time.sleep(0.005)
+        self.proc.kill()
+        raise AssertionError(f"no step of job {lines + 1} seen (rc {self.proc.poll()}): {self.err[-2000:]!r}")
+
+    def wait(self) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=120)
+        self.reader.join(10)
+        return rc, self.err.decode(errors="replace")
 
 
 def test_ctrl_c_then_crash_then_resume_runs_every_job_exactly_once(dirs, capsys):
     out = dirs["output"]
-    # 12 steps: a job lasts some seconds, so the signal sent 0.5 s into job 3 lands inside it
+    manifest = out / "manifest.jsonl"
     settings = ["--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=12", "--sweep", "7.seed=1..5",
-                "--quiet", *folder_args(dirs)]
+                *folder_args(dirs)]
     cmd = [sys.executable, "-m", "sdxl_nodes.runtime.cli", "run", BASE_WF, *settings]
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(out / "manifest.jsonl", 2, proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C during job 3
-    _stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    run = Run(cmd)
+    run.signal_mid_job(manifest, 2, signal.SIGINT)  # Ctrl-C inside job 3
+    rc, stderr = run.wait()
+    assert rc == 130, stderr
     assert "run again with --resume" in stderr
     lines = manifest_lines(out)
     assert [r["status"] for r in lines] == ["done", "done", "interrupted"], lines
     assert lines[2]["job"] == 3 and lines[2]["files"] == []
 
-    proc = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(out / "manifest.jsonl", 4, proc)
-    proc.kill()  # a crash: no chance to write anything
-    proc.communicate()
-    assert len(manifest_lines(out)) in (4, 5)  # job 3 done; maybe job 4 too
+    run = Run(cmd + ["--resume"])
+    run.signal_mid_job(manifest, 4, signal.SIGKILL)  # a crash inside job 4: no chance to write anything
+    rc, _stderr = run.wait()
+    assert rc == -signal.SIGKILL
+    assert [r["status"] for r in manifest_lines(out)] == ["done", "done", "interrupted", "done"]
 
-    rc = cli.main(["run", BASE_WF, *settings, "--resume"])
+    rc = cli.main(["run", BASE_WF, *settings, "--quiet", "--resume"])
     assert rc == 0
     assert "jobs already done" in capsys.readouterr().out
     lines = manifest_lines(out)
