@@ -328,6 +328,10 @@ def apply_overrides_to_ui(workflow: dict, overrides: list[str], info: dict) -> N
 
 def cmd_run(args) -> int:
     env = build_environment(args)
+    if args.sweep or args.jobs or args.ray or args.resume or args.zip:  # many jobs: runtime/batch.py
+        from .batch import run_batch
+
+        return run_batch(args, load(args))  # the environment is current (configure)
     return execute(load(args), args, env=env)
 
 
@@ -427,6 +431,26 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
+def add_batch_arguments(sp) -> None:
+    """`run` flags for many jobs (runtime/batch.py, runtime/batch_ray.py)."""
+    g = sp.add_argument_group("batches (see README: Batches)")
+    g.add_argument("--sweep", action="append", metavar="NODE_ID.INPUT=VALUES",
+                   help="run once per value (repeatable; several sweeps give the cross product). VALUES: a..b "
+                        "(integers), @file (one value per line), a JSON list, or one value")
+    g.add_argument("--zip", action="store_true", help="pair the --sweep values line by line instead of crossing them")
+    g.add_argument("--jobs", metavar="FILE.jsonl",
+                   help='one job per line: a JSON object of overrides, e.g. {"7.seed": 3, "2.text_g": "a cat"}')
+    g.add_argument("--resume", action="store_true",
+                   help="skip jobs that <output-dir>/manifest.jsonl records as done (and whose files exist)")
+    g.add_argument("--quiet", action="store_true", help="only the overall progress bar, no per-sampler bars")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="run the jobs on a Ray cluster: 'auto' (the cluster of `ray start`), ray://host:10001, "
+                        "or 'local' (start one on this machine); needs pip install 'sdxl-nodes[ray]'")
+    g.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray workers, each holding the models once (default: one per GPU, or one per node "
+                        "without GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxl-nodes", description="SDXL base + refiner as workflow nodes.")
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -475,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             models_and_input(sp)
             output_and_device(sp)
+            add_batch_arguments(sp)
         elif name == "validate":  # checkpoint and image names are checked against these folders
             models_and_input(sp)
             unused(sp, output_and_device)

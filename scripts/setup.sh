@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first and pinned: this machine's local CPU build (a bare `torch` would pull a multi-GB CUDA build)
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[editor,test]"
+python -m pip install -q -e ".[editor,test,ray]"  # ray: CI runs the --ray tests too
 # Sampler goldens (tests/test_samplers_kdiffusion.py): --no-deps, its deps (torchvision, clip, wandb) would replace the CPU torch
 python -m pip install -q --no-deps "k-diffusion==0.1.1.post1"

@@ -1,0 +1,368 @@
+"""Batches: `sdxl-nodes run --sweep/--zip/--jobs/--resume/--ray` (runtime/batch.py, runtime/batch_ray.py).
+
+* Expansion: cross product, zip, a..b ranges, @files, JSON lists, JSONL; errors name the job and line.
+* One process: a new seed re-runs the sampler onwards only; each checkpoint part is read once; a
+  batch job gives the same pixels as the same overrides in a plain `run --set`.
+* Manifest: a failing job is recorded and the rest run (exit 1); Ctrl-C marks the job in progress
+  interrupted (exit 130); after a SIGKILL, `--resume` finishes every job exactly once.
+* Ray: a local 2-CPU cluster, 2 actors, one killed mid-run, ends with the local run's 12 images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdxl_nodes.nodes import NODE_CLASS_MAPPINGS, environment
+from sdxl_nodes.runtime import cli
+from sdxl_nodes.runtime.batch import Manifest, expand_jobs, read_jobs_file, sweep_values
+from sdxl_nodes.runtime.cli import CLIError
+from sdxl_nodes.sdxl_core import checkpoint as ckpt_module
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_WF = str(REPO / "workflows" / "sdxl_base.json")
+SMALL = ["--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=2"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Expansion (no models needed)
+
+
+def test_cross_product_of_file_and_range(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\n42\nnull\n")
+    jobs = expand_jobs([f"2.text_g=@{tmp_path / 'prompts.txt'}", "7.seed=3..4"])
+    assert [j.overrides for j in jobs] == [
+        ['2.text_g="a cat"', "7.seed=3"], ['2.text_g="a cat"', "7.seed=4"],
+        ["2.text_g=42", "7.seed=3"], ["2.text_g=42", "7.seed=4"],
+        ['2.text_g="null"', "7.seed=3"], ['2.text_g="null"', "7.seed=4"],
+    ]
+    assert [j.number for j in jobs] == [1, 2, 3, 4, 5, 6]
+    # the values the prompt receives: numbers stay numbers, other lines are their exact text
+    assert [j.override_values() for j in jobs[::2]] == [
+        {"2.text_g": "a cat", "7.seed": 3}, {"2.text_g": 42, "7.seed": 3}, {"2.text_g": "null", "7.seed": 3}]
+    assert jobs[4].origins == ["prompts.txt line 4", "7.seed=3"]  # the blank line 2 is skipped, not renumbered
+    assert len({j.key for j in jobs}) == 6
+    repeated = expand_jobs(['2.text_g=["a", "a"]'])  # a repeated line is its own job for --resume
+    assert repeated[0].overrides == repeated[1].overrides and repeated[0].key != repeated[1].key
+
+
+def test_zip_pairs_line_by_line_and_needs_equal_lengths():
+    jobs = expand_jobs(['2.text_g=["x", "y", "z"]', "7.seed=10..12"], zip_sweeps=True)
+    assert [j.override_values() for j in jobs] == [
+        {"2.text_g": "x", "7.seed": 10}, {"2.text_g": "y", "7.seed": 11}, {"2.text_g": "z", "7.seed": 12}]
+    with pytest.raises(CLIError, match="2.text_g has 3, 7.seed has 2"):
+        expand_jobs(['2.text_g=["x", "y", "z"]', "7.seed=1..2"], zip_sweeps=True)
+
+
+def test_single_literal_json_list_and_bad_values():
+    assert sweep_values("7.cfg=[1.5, 7]")[1] == [("7.cfg=1.5", "7.cfg value 1"), ("7.cfg=7", "7.cfg value 2")]
+    assert sweep_values("9.filename_prefix=run a")[1] == [("9.filename_prefix=run a", "9.filename_prefix=run a")]
+    assert [o for o, _ in sweep_values("7.seed=-1..1")[1]] == ["7.seed=-1", "7.seed=0", "7.seed=1"]
+    for spec, message in (("7.seed=4..1", "empty"), ("7.seed=[1, 2", "not a valid JSON list"),
+                          ("seed=1..2", "NODE_ID.INPUT"), ("7.seed=", "no values"),
+                          ("7.seed=@/nonexistent/seeds.txt", "cannot read")):
+        with pytest.raises(CLIError, match=message):
+            sweep_values(spec)
+    with pytest.raises(CLIError, match="given twice"):
+        expand_jobs(["7.seed=1..2", "7.seed=3..4"])
+
+
+def test_jsonl_jobs_crossed_with_a_sweep(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"2.text_g": "a cat", "7.cfg": 5.5}\n\n{"2.text_g": "a \\"dog\\""}\n')
+    assert read_jobs_file(path) == [(['2.text_g="a cat"', "7.cfg=5.5"], "jobs.jsonl line 1"),
+                                    (['2.text_g="a \\"dog\\""'], "jobs.jsonl line 3")]
+    jobs = expand_jobs(["7.seed=1..2"], jobs_file=path)
+    assert [j.override_values() for j in jobs] == [
+        {"2.text_g": "a cat", "7.cfg": 5.5, "7.seed": 1}, {"2.text_g": "a cat", "7.cfg": 5.5, "7.seed": 2},
+        {"2.text_g": 'a "dog"', "7.seed": 1}, {"2.text_g": 'a "dog"', "7.seed": 2}]
+    assert jobs[3].where() == "job 4 (jobs.jsonl line 3, 7.seed=2)"
+    path.write_text('{"7.seed": 1}\n[1, 2]\n')
+    with pytest.raises(CLIError, match="jobs.jsonl line 2: expected a JSON object"):
+        read_jobs_file(path)
+    path.write_text('{"7.seed": 1}\n{"7.seed": 2\n')
+    with pytest.raises(CLIError, match="jobs.jsonl line 2: not valid JSON"):
+        read_jobs_file(path)
+
+
+def test_manifest_survives_a_torn_last_line(tmp_path):
+    m = Manifest(tmp_path / "manifest.jsonl")
+    m.append({"key": "a", "status": "done", "files": []})
+    with open(m.path, "a") as f:
+        f.write('{"key": "b", "status": "do')  # a crash while writing
+    m.append({"key": "c", "status": "done", "files": []})
+    assert [r["key"] for r in m.records()] == ["a", "c"]
+    assert m.done_keys(tmp_path) == {"a", "c"}
+    m.append({"key": "c", "status": "done", "files": ["missing.png"]})  # the latest line decides
+    assert m.done_keys(tmp_path) == {"a"}
+
+
+def test_batch_modules_import_neither_torch_nor_ray():
+    code = ("import sys\nimport sdxl_nodes.runtime.batch, sdxl_nodes.runtime.batch_ray\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')"
+            " or m in ('sdxl_nodes.nodes', 'sdxl_nodes.sdxl_core'))\nassert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running (tiny checkpoints)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_checkpoints):
+    root = tmp_path_factory.mktemp("batch_models")
+    (root / "checkpoints").mkdir()
+    for path in tiny_checkpoints.values():
+        try:
+            os.link(path, root / "checkpoints" / path.name)
+        except OSError:
+            shutil.copyfile(path, root / "checkpoints" / path.name)
+    return root
+
+
+@pytest.fixture
+def dirs(tmp_path, models_dir, monkeypatch):
+    monkeypatch.setattr(environment, "_current", None)
+    return {"models": models_dir, "input": tmp_path / "input", "output": tmp_path / "output", "temp": tmp_path / "temp"}
+
+
+def folder_args(d: dict, output: Path | None = None) -> list[str]:
+    return ["--models-dir", str(d["models"]), "--input-dir", str(d["input"]),
+            "--output-dir", str(output or d["output"]), "--temp-dir", str(d["temp"])]
+
+
+def manifest_lines(output: Path) -> list[dict]:
+    text = (output / "manifest.jsonl").read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]  # every line whole: no torn lines
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_invalid_job_is_reported_with_its_number_before_anything_runs(dirs, tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"7.seed": 1}\n{"99.seed": 2}\n{"7.steps": 0}\n')
+    rc = cli.main(["run", BASE_WF, *SMALL, "--jobs", str(jobs), "--quiet", *folder_args(dirs)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "job 2 (jobs.jsonl line 2): '99.seed=2': no node with id '99'" in err
+    assert "job 3 (jobs.jsonl line 3):" in err and "steps" in err
+    assert "2 of 3 jobs are invalid; nothing was run" in err
+    assert not dirs["output"].exists()  # job 1 was valid but nothing ran
+
+
+def test_sweep_reruns_only_what_changed_and_matches_plain_runs(dirs, monkeypatch, capsys):
+    calls: Counter = Counter()
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        original = getattr(cls, cls.FUNCTION)
+
+        def counted(self, *args, _original=original, _id=node_id, **kwargs):
+            calls[_id] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, cls.FUNCTION, counted)
+    reads = []
+    real_load_part = ckpt_module.load_part
+    monkeypatch.setattr(ckpt_module, "load_part", lambda *a, **k: reads.append(a[1]) or real_load_part(*a, **k))
+
+    rc = cli.main(["run", BASE_WF, *SMALL, "--sweep", '2.text_g=["a red cube", "a blue ball"]',
+                   "--sweep", "7.seed=1..2", *folder_args(dirs)])
+    assert rc == 0, capsys.readouterr().err
+    assert "4 of 4 jobs done" in capsys.readouterr().out
+    # prompt-major order: the positive encoder and its size conditioning run once per prompt (2), the
+    # negative ones once, the sampler and what follows once per job
+    assert calls == {"SDXLCheckpointLoader": 1, "SDXLDualCLIPEncode": 3, "SDXLSizeCropConditioning": 3,
+                     "SDXLEmptyLatent": 1, "SDXLBaseSampler": 4, "SDXLVAEDecode": 4, "SDXLSaveImage": 4}
+    assert sorted(reads) == ["clip_g", "clip_l", "unet", "vae"]  # each network read from disk once
+
+    lines = manifest_lines(dirs["output"])
+    assert [(r["job"], r["status"], r["overrides"], r["seed"]) for r in lines] == [
+        (1, "done", {"2.text_g": "a red cube", "7.seed": 1}, {"7": 1}),
+        (2, "done", {"2.text_g": "a red cube", "7.seed": 2}, {"7": 2}),
+        (3, "done", {"2.text_g": "a blue ball", "7.seed": 1}, {"7": 1}),
+        (4, "done", {"2.text_g": "a blue ball", "7.seed": 2}, {"7": 2})]
+    files = [r["files"] for r in lines]
+    assert files == [[f"sdxl_base_0000{i}_.png"] for i in range(1, 5)]
+    images = [pixels(dirs["output"] / f[0]) for f in files]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
+
+    # job 3 equals a plain run with the same values (overrides went to the right job, no stale cache)
+    plain = dirs["output"].parent / "plain"
+    monkeypatch.setattr(environment, "_current", None)
+    assert cli.main(["run", BASE_WF, *SMALL, "--set", "2.text_g=a blue ball", "--set", "7.seed=1",
+                     *folder_args(dirs, plain)]) == 0
+    capsys.readouterr()
+    assert np.array_equal(pixels(plain / "sdxl_base_00001_.png"), images[2])
+
+
+def test_failing_job_is_recorded_and_the_rest_run(dirs, tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    # denoise_end 0.01 of 2 steps passes validation (a valid float) but leaves the base no step: fails at run
+    jobs.write_text('{"7.seed": 1}\n{"7.denoise_end": 0.01}\n{"7.seed": 3}\n')
+    rc = cli.main(["run", BASE_WF, *SMALL, "--jobs", str(jobs), "--quiet", *folder_args(dirs)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "1 of 3 jobs failed (see manifest.jsonl)" in err
+    lines = manifest_lines(dirs["output"])
+    assert [r["status"] for r in lines] == ["done", "failed", "done"]
+    assert "denoise_end" in lines[1]["error"] and lines[1]["files"] == []
+    assert all((dirs["output"] / f).is_file() for r in lines for f in r["files"])
+
+
+class Run:
+    """`sdxl-nodes run` in a subprocess whose stderr (progress bars included) is read as it comes."""
+
+    def __init__(self, cmd: list[str]):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.err = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while chunk := os.read(self.proc.stderr.fileno(), 65536):
+            self.err += chunk
+
+    def signal_mid_job(self, manifest: Path, lines: int, sig: int, timeout: float = 240) -> None:
+        """Once the manifest has `lines` lines, wait for the next job's sampler to report a step, then signal.
+
+        The step bar says the job is inside its sampler with steps left, so the signal lands mid-job on a
+        fast machine as on a loaded one."""
+        end = time.monotonic() + timeout
+        mark = None
+        while time.monotonic() < end and self.proc.poll() is None:
+            if mark is None and manifest.exists() and manifest.read_text().count("\n") >= lines:
+                mark = len(self.err)
+            if mark is not None and re.search(rb"Base Sampler \[7\]:.*? [1-9]/12 ", self.err[mark:]):
+                self.proc.send_signal(sig)
+                return
+            time.sleep(0.005)
+        self.proc.kill()
+        raise AssertionError(f"no step of job {lines + 1} seen (rc {self.proc.poll()}): {self.err[-2000:]!r}")
+
+    def wait(self) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=120)
+        self.reader.join(10)
+        return rc, self.err.decode(errors="replace")
+
+
+def test_ctrl_c_then_crash_then_resume_runs_every_job_exactly_once(dirs, capsys):
+    out = dirs["output"]
+    manifest = out / "manifest.jsonl"
+    settings = ["--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=12", "--sweep", "7.seed=1..5",
+                *folder_args(dirs)]
+    cmd = [sys.executable, "-m", "sdxl_nodes.runtime.cli", "run", BASE_WF, *settings]
+
+    run = Run(cmd)
+    run.signal_mid_job(manifest, 2, signal.SIGINT)  # Ctrl-C inside job 3
+    rc, stderr = run.wait()
+    assert rc == 130, stderr
+    assert "run again with --resume" in stderr
+    lines = manifest_lines(out)
+    assert [r["status"] for r in lines] == ["done", "done", "interrupted"], lines
+    assert lines[2]["job"] == 3 and lines[2]["files"] == []
+
+    run = Run(cmd + ["--resume"])
+    run.signal_mid_job(manifest, 4, signal.SIGKILL)  # a crash inside job 4: no chance to write anything
+    rc, _stderr = run.wait()
+    assert rc == -signal.SIGKILL
+    assert [r["status"] for r in manifest_lines(out)] == ["done", "done", "interrupted", "done"]
+
+    rc = cli.main(["run", BASE_WF, *settings, "--quiet", "--resume"])
+    assert rc == 0
+    assert "jobs already done" in capsys.readouterr().out
+    lines = manifest_lines(out)
+    done = [r for r in lines if r["status"] == "done"]
+    assert sorted(r["job"] for r in done) == [1, 2, 3, 4, 5]  # every job done exactly once
+    assert len(lines) == len(set(json.dumps(r, sort_keys=True) for r in lines))  # no duplicate lines
+    assert all((out / f).is_file() for r in done for f in r["files"])
+    assert len({f for r in done for f in r["files"]}) == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray  # the [ray] extra, installed by scripts/setup.sh
+    ray.init(num_cpus=2, namespace="sdxl-nodes", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_two_actors_one_killed_mid_run_give_the_local_images(ray_cluster, dirs, tmp_path, capsys):
+    ray = ray_cluster
+    sweep = ["--sweep", "7.seed=1..12", "--quiet"]
+    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
+    # Each 1-CPU actor runs torch on one thread (Ray sets OMP_NUM_THREADS=1); so does the local reference,
+    # since float sums in another thread split may differ in the last bit and flip a pixel level.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["run", BASE_WF, *SMALL, *sweep, *folder_args(dirs, local_out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    killed = {}
+
+    def kill_one_worker():
+        end = time.monotonic() + 300
+        while time.monotonic() < end and "at" not in killed:
+            path = ray_out / "manifest.jsonl"
+            if path.exists() and path.read_text().count("\n") >= 3:
+                names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                               if a["name"].startswith("sdxl-nodes-worker-"))
+                ray.kill(ray.get_actor(names[0], namespace="sdxl-nodes"), no_restart=False)
+                killed["at"] = path.read_text().count("\n")
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    rc = cli.main(["run", BASE_WF, *SMALL, *sweep, "--ray", "auto", "--ray-workers", "2",
+                   *folder_args(dirs, ray_out)])
+    killer.join(5)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert 3 <= killed["at"] < 12  # the kill happened while jobs were left
+
+    local = {r["key"]: r for r in manifest_lines(local_out)}
+    remote = manifest_lines(ray_out)
+    assert sorted(r["job"] for r in remote) == list(range(1, 13)) and {r["status"] for r in remote} == {"done"}
+    assert len({r["worker"] for r in remote}) >= 2  # both actors worked (3 processes with the restart)
+    for r in remote:
+        assert np.array_equal(pixels(ray_out / r["files"][0]), pixels(local_out / local[r["key"]]["files"][0]))
+
+
+def test_ray_workers_fit_the_smallest_machine_and_take_one_gpu_each():
+    from sdxl_nodes.runtime.batch_ray import actor_options
+
+    class Cluster:  # the two calls actor_options makes, answered as Ray would for these machines
+        def __init__(self, cpus, gpus=0):
+            self.cpus, self.gpus = cpus, gpus
+
+        def cluster_resources(self):
+            return {"CPU": float(sum(self.cpus)), "GPU": float(self.gpus)}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": float(c)}} for c in self.cpus]
+
+    assert actor_options(Cluster([2]), 2) == (2, {"num_cpus": 1})  # the test cluster above
+    assert actor_options(Cluster([16, 8]), None) == (2, {"num_cpus": 8})  # 12 each would not fit the 8-CPU one
+    assert actor_options(Cluster([16, 8], gpus=4), None) == (4, {"num_gpus": 1})
