@@ -553,18 +553,21 @@ def unsupported_nodes(prompt: Mapping, node_classes: Mapping[str, type]) -> dict
     out: dict[str, list[str]] = {}
     for node_id, node in prompt.items():
         ctype = node.get("class_type") if isinstance(node, Mapping) else None
-        if ctype not in node_classes:
+        if isinstance(ctype, str) and ctype not in node_classes:  # a malformed entry is the validator's to report
             out.setdefault(str(ctype), []).append(str(node_id))
     return {t: sorted(ids, key=lambda i: (len(i), i)) for t, ids in sorted(out.items())}
 
 
 def unsupported_message(source: str, prompt: Mapping, node_classes: Mapping[str, type]) -> str | None:
     """One message naming every node (id and type) this runner cannot run, and what it can; None if all can."""
+    if any(not isinstance(n, Mapping) or not isinstance(n.get("class_type"), str) for n in prompt.values()):
+        return None  # a malformed prompt: the validator reports it all, unknown types included
     missing = unsupported_nodes(prompt, node_classes)
     if not missing:
         return None
     listing = "; ".join(f"{t} (node {', '.join(ids)})" for t, ids in missing.items())
-    supported = [str(i) for i, n in prompt.items() if isinstance(n, Mapping) and n.get("class_type") in node_classes]
+    supported = [str(i) for i, n in prompt.items()
+                 if isinstance(n, Mapping) and isinstance(n.get("class_type"), str) and n["class_type"] in node_classes]
     have = f"the other {len(supported)} node(s) ({', '.join(supported)}) are supported" if supported else \
         "none of its nodes are supported"
     return (f"{source}: {sum(map(len, missing.values()))} node(s) use types not available here: {listing}; {have}. "

@@ -53,7 +53,6 @@ def models_dir(tmp_path_factory, tiny_checkpoints):
 
 @pytest.fixture
 def dirs(tmp_path, models_dir, monkeypatch):
-    monkeypatch.setattr(environment, "_current", None)
     d = {"models": models_dir, "input": tmp_path / "input", "output": tmp_path / "output", "temp": tmp_path / "temp"}
     d["input"].mkdir()
     environment.configure(models_dir=models_dir, input_dir=d["input"], output_dir=d["output"], temp_dir=d["temp"])

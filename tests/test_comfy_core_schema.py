@@ -25,7 +25,9 @@ EmptyLatentImage KSampler KSamplerAdvanced VAEDecode VAEEncode VAEDecodeTiled VA
 SetLatentNoiseMask LatentUpscale LatentUpscaleBy RepeatLatentBatch LatentFromBatch ImageScale ImageScaleBy LoadImage
 LoadImageMask SaveImage PreviewImage SaveLatent LoadLatent""".split()
 FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoadImageMask", "image"),
-               ("LoadLatent", "latent")}
+               ("LoadLatent", "latent"), ("LoraLoader", "lora_name"), ("LoraLoaderModelOnly", "lora_name"),
+               # ComfyUI also offers "pixel_space" (for pixel-space models, none of them SDXL) beside the files
+               ("VAELoader", "vae_name")}
 
 
 @pytest.fixture(scope="module")

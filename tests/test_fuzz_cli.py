@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from fuzzing import mutate
 
-from sdxl_nodes.nodes import environment
 from sdxl_nodes.runtime import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,11 +59,6 @@ def docs(root):
         out[path.name] = ui
         out[path.stem + ".api.json"] = json.loads(buf.getvalue())
     return out
-
-
-@pytest.fixture(autouse=True)
-def _fresh_environment(monkeypatch):
-    monkeypatch.setattr(environment, "_current", None)
 
 
 def _folders(root: Path) -> list[str]:

@@ -250,7 +250,6 @@ def real_app(tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(environment, "_current", None)  # restored after the test
     environment.configure(models_dir=dirs["models"], input_dir=dirs["input"], output_dir=dirs["output"],
                           temp_dir=dirs["temp"])
     workflows = load_shipped_workflows()

@@ -22,7 +22,6 @@ from sdxl_nodes.runtime.limits import Limits
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    monkeypatch.setattr(environment, "_current", None)
     root = tmp_path / "root"
     e = environment.configure(input_dir=root / "input", output_dir=root / "output", temp_dir=root / "temp")
     (root / "input").mkdir(parents=True)
