@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 NODE_IDS = sorted([
     "SDXLCheckpointLoader", "SDXLDualCLIPEncode", "SDXLSizeCropConditioning", "SDXLRefinerConditioning",
     "SDXLEmptyLatent", "SDXLBaseSampler", "SDXLNoiseAndRefine", "SDXLVAEDecode", "SDXLVAEEncode",
-    "SDXLLoadImage", "SDXLSaveImage", "SDXLPreviewImage",
+    "SDXLLoadImage", "SDXLSaveImage", "SDXLPreviewImage", "SDXLLoraLoader", "SDXLVAELoader",
 ])
 
 HOST = textwrap.dedent(r'''
@@ -42,12 +42,14 @@ HOST = textwrap.dedent(r'''
     folder_paths.calls = []
     def get_filename_list(kind):
         folder_paths.calls.append(("get_filename_list", kind))
-        assert kind == "checkpoints", kind
+        if kind != "checkpoints":  # loras, vae, embeddings: empty folders here
+            assert kind in ("loras", "vae", "embeddings"), kind
+            return []
         return ["sd_xl_base_1.0.safetensors", "sd_xl_refiner_1.0.safetensors", "sd15/old.ckpt"]
     def get_full_path(kind, name):
         folder_paths.calls.append(("get_full_path", kind, name))
         p = os.path.join(ckpt_dir, name)
-        return p if os.path.isfile(p) else None
+        return p if kind == "checkpoints" and os.path.isfile(p) else None
     folder_paths.get_filename_list = get_filename_list
     folder_paths.get_full_path = get_full_path
     folder_paths.get_folder_paths = lambda kind: [ckpt_dir]

@@ -72,8 +72,8 @@ def _run(executor, prompt) -> torch.Tensor:
     captured = {}
     orig = NODE_CLASS_MAPPINGS["SDXLVAEDecode"].run
 
-    def spy(self, vae, samples):
-        out = orig(self, vae, samples)
+    def spy(self, vae, samples, **hidden):
+        out = orig(self, vae, samples, **hidden)
         captured["image"] = out[0].clone()
         return out
 
