@@ -805,3 +805,30 @@ def test_cfg_denoiser_post_cfg_hook_reports_uncond_and_cond():
     torch.testing.assert_close(seen["uncond_denoised"], only_uncond)
     with pytest.raises(SamplingError, match="CFG\\+\\+"):  # a model that ignores the hook
         K.sample_euler_cfg_pp(lambda x, sigma, **_: x * 0, x, S.normal(2))
+
+
+def test_a_huge_batch_step_runs_in_slices_and_stops_between_them():
+    # catches: the interrupt polled only between steps (issue 10: one 46 s batch step could not be stopped)
+    unet = FakeUNet()
+    polls = []
+
+    def should_stop():
+        polls.append(len(unet.calls))
+        return len(unet.calls) >= 1  # true once the first slice of the first step has run
+
+    with pytest.raises(Cancelled, match="inside a step"):
+        run(latent=torch.zeros(8, 4, 8, 8), unet=unet, steps=3, should_stop=should_stop)
+    # CFG doubles the batch of 8 to 16 images: slices of UNET_MAX_BATCH = 8, and it stopped after the first
+    assert [c["x"].shape[0] for c in unet.calls] == [M.UNET_MAX_BATCH]
+    assert polls == [0, 1]  # once before step 1, once between the slices
+
+
+def test_sliced_unet_calls_give_the_same_prediction_as_one_call():
+    # catches: slices reassembled in the wrong order, or with the wrong timesteps/context rows
+    pos, neg = conds(batch=5)
+    x, sigma = torch.randn(5, 4, 8, 8), torch.linspace(1.0, 9.0, 5)
+    whole = M.CFGDenoiser(FakeUNet(), pos, neg, 6.0, max_batch=1000)(x, sigma)
+    sliced_unet = FakeUNet()
+    sliced = M.CFGDenoiser(sliced_unet, pos, neg, 6.0, max_batch=3)(x, sigma)
+    assert [c["x"].shape[0] for c in sliced_unet.calls] == [3, 3, 3, 1]
+    assert torch.equal(whole, sliced)
