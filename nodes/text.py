@@ -38,11 +38,16 @@ def _check_kind(value, expected: str, what: str, fix: str) -> None:
 ))
 class DualCLIPEncode:
     def run(self, clip, text_g, text_l, progress=None):
-        steps = StepReporter(progress)
-        with steps.cancellable() as should_stop:  # a long prompt is tokenized word by word: cancel reaches it
-            emb = encode_prompt(clip.encoders(), text_g, text_l, layer=clip.layer, should_stop=should_stop,
-                                max_chars=current().limits.prompt_chars)
-        return (dataclasses.replace(emb, kind=clip.kind),)
+        return (dataclasses.replace(encode_text(clip, text_g, text_l, progress), kind=clip.kind),)
+
+
+def encode_text(clip, text_g, text_l, progress=None):
+    """`encode_prompt` for a node: the prompt_chars limit, and cancel polled while a long prompt is tokenized
+    (word by word). Our SDXL nodes and the core text-encode nodes all encode through here."""
+    steps = StepReporter(progress)
+    with steps.cancellable() as should_stop:
+        return encode_prompt(clip.encoders(), text_g, text_l, layer=clip.layer, should_stop=should_stop,
+                             max_chars=current().limits.prompt_chars)
 
 
 def _size(name, tooltip, default=1024):

@@ -463,3 +463,27 @@ def test_clip_set_last_layer_takes_that_layer(dirs):
     for c, want in ((clip, hidden[-2]), (last, hidden[-1])):
         (cond,) = CLASSES["CLIPTextEncode"]().run("a red cube", c)
         assert torch.allclose(cond[0][0], want.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("node_id", ["CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner"])
+def test_core_text_encode_stops_inside_a_long_prompt(dirs, node_id):
+    # catches: the core text-encode nodes not polling the interrupt while tokenizing (ours do, issue 10)
+    class Stopped(Exception):
+        pass
+
+    class Reporter:  # the executor's reporter, with the user's cancel already pressed
+        interrupted = True
+
+        def check_interrupted(self):
+            raise Stopped
+
+    ckpt = "sd_xl_refiner_1.0.safetensors" if node_id.endswith("Refiner") else "sd_xl_base_1.0.safetensors"
+    _model, clip, _vae = CLASSES["CheckpointLoaderSimple"]().run(ckpt)
+    text = "a cat " * 2000
+    sizes = dict(width=1024, height=1024)
+    kwargs = {"CLIPTextEncode": dict(text=text, clip=clip),
+              "CLIPTextEncodeSDXL": dict(clip=clip, crop_w=0, crop_h=0, target_width=1024, target_height=1024,
+                                         text_g=text, text_l=text, **sizes),
+              "CLIPTextEncodeSDXLRefiner": dict(ascore=6.0, text=text, clip=clip, **sizes)}[node_id]
+    with pytest.raises(Stopped):
+        CLASSES[node_id]().run(**kwargs, progress=Reporter())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from ...sdxl_core import conditioning as cond
-from ...sdxl_core.text import encode_prompt
 from ..schema import MAX_RESOLUTION, Float, Int, NodeSchema, Output, Socket, String, node
+from ..text import encode_text
 
 CONDITIONING_OUT = (Output("CONDITIONING", "CONDITIONING", "A CONDITIONING list ([tokens, options] entries)."),)
 
@@ -23,6 +23,9 @@ def _size(name, tooltip, default=1024):
     return Int(name, tooltip, default=default, min=0, max=MAX_RESOLUTION, step=None)
 
 
+PROGRESS = {"progress": "SDXL_PROGRESS"}  # cancel reaches a long prompt's tokenization (nodes/text.py)
+
+
 def _cond(name, tooltip):
     return Socket(name, "CONDITIONING", tooltip)
 
@@ -36,10 +39,11 @@ def _cond(name, tooltip):
                 "aesthetic score is 6.0 for the positive and 2.5 for the negative prompt, as in ComfyUI.",
     inputs=(_text(), _clip()),
     outputs=CONDITIONING_OUT,
+    hidden=PROGRESS,
 ))
 class CLIPTextEncode:
-    def run(self, text, clip):
-        return (cond.comfy_conditioning(encode_prompt(clip.encoders(), text, None, layer=clip.layer)),)
+    def run(self, text, clip, progress=None):
+        return (cond.comfy_conditioning(encode_text(clip, text, None, progress)),)
 
 
 @node(NodeSchema(
@@ -61,12 +65,13 @@ class CLIPTextEncode:
         _text("text_l", "Prompt for CLIP-L (often the same text)."),
     ),
     outputs=CONDITIONING_OUT,
+    hidden=PROGRESS,
 ))
 class CLIPTextEncodeSDXL:
     PYTHON_MODULE = "comfy_extras.nodes_clip_sdxl"
 
-    def run(self, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l):
-        emb = encode_prompt(clip.encoders(), text_g, text_l, layer=clip.layer)
+    def run(self, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l, progress=None):
+        emb = encode_text(clip, text_g, text_l, progress)
         return (cond.comfy_conditioning(emb, width=width, height=height, crop_w=crop_w, crop_h=crop_h,
                                         target_width=target_width, target_height=target_height),)
 
@@ -85,12 +90,13 @@ class CLIPTextEncodeSDXL:
         _clip(),
     ),
     outputs=CONDITIONING_OUT,
+    hidden=PROGRESS,
 ))
 class CLIPTextEncodeSDXLRefiner:
     PYTHON_MODULE = "comfy_extras.nodes_clip_sdxl"
 
-    def run(self, ascore, width, height, text, clip):
-        emb = encode_prompt(clip.encoders(), text, None, layer=clip.layer)
+    def run(self, ascore, width, height, text, clip, progress=None):
+        emb = encode_text(clip, text, None, progress)
         return (cond.comfy_conditioning(emb, aesthetic_score=ascore, width=width, height=height),)
 
 
