@@ -739,9 +739,14 @@ class _Converter:
             active.append(dto)
         if unknown:
             listing = "; ".join(f"{t} (node {', '.join(ids)})" for t, ids in sorted(unknown.items()))
+            ids = [dto.id for dto in active]
+            have = f"the other {len(ids)} node(s) ({', '.join(ids)}) are supported" if ids else \
+                "none of its nodes are supported"
             raise WorkflowError(
-                f"{self.source}: unknown node type(s): {listing}. They come from another node pack (ComfyUI "
-                "core or a custom node) that is not available here; replace or delete those nodes"
+                f"{self.source}: {sum(map(len, unknown.values()))} node(s) use types not available here (unknown "
+                f"node types): {listing}; {have}. sdxl-nodes runs its own SDXL nodes and ComfyUI's core SDXL nodes "
+                "(see NODES.md); nodes from other packs (ControlNet, IPAdapter, custom nodes) must be removed or "
+                "replaced. Nothing was run."
             )
         # 3. Widgets, then links (a linked widget's literal is replaced by the link or inlined value).
         output: dict[str, dict] = {}

@@ -164,6 +164,7 @@ def test_workflow_from_another_node_pack_lists_every_unknown_type(capsys, d):
     for type_, node in (("ControlNetLoader", 1), ("IPAdapterAdvanced", 2), ("Some Custom Pack Node", 4)):
         assert f"{type_} (node {node})" in lines[0]
     assert "SaveImage (node" not in lines[0]  # a ComfyUI core node we have
+    assert "the other 1 node(s) (3) are supported" in lines[0]  # the UI form says what it can run, too
     assert_nothing_written(d)
 
     # the same graph as an API prompt: one message naming each unknown node, and what is supported
