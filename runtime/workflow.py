@@ -745,7 +745,7 @@ class _Converter:
             raise WorkflowError(
                 f"{self.source}: {sum(map(len, unknown.values()))} node(s) use types not available here (unknown "
                 f"node types): {listing}; {have}. sdxl-nodes runs its own SDXL nodes and ComfyUI's core SDXL nodes "
-                "(see NODES.md); nodes from other packs (ControlNet, IPAdapter, custom nodes) must be removed or "
+                "(see NODES.md); nodes from other node packs (ControlNet, IPAdapter, custom nodes) must be removed or "
                 "replaced. Nothing was run."
             )
         # 3. Widgets, then links (a linked widget's literal is replaced by the link or inlined value).
