@@ -175,52 +175,59 @@ def _poll(should_stop, what: str) -> None:
         raise Cancelled(f"{what} stopped by the caller")
 
 
-def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
-    """1-D blend weights: rising over `overlap` samples at a shared start edge, falling at a shared end."""
+def _feather(n: int, feather: int) -> torch.Tensor:
+    """1-D tile weights: ramps of `feather` samples, (t + 1) / feather, at both ends of every tile.
+
+    Image borders are ramped too; the division by the summed weights makes that exact (ComfyUI
+    ``comfy.utils.tiled_scale_multidim``). The factors are multiplied in in the same order, so where the
+    two ramps meet the weights are the same floats. No ramp when `feather` >= n.
+    """
     w = torch.ones(n)
-    if overlap > 0:
-        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
-        if start:
-            w[:overlap] = ramp
-        if end:
-            w[-overlap:] = ramp.flip(0)
+    if 0 < feather < n:
+        for t in range(feather):
+            a = (t + 1) / feather
+            w[t] *= a
+            w[n - 1 - t] *= a
     return w
 
 
-def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channels: int,
+def tiled(fn, x: torch.Tensor, tile: int | tuple[int, int], overlap: int, scale: float, out_channels: int,
           should_stop=None) -> torch.Tensor:
     """Apply `fn` (encode or decode) to overlapping tiles of x (B, C, H, W) and blend the results.
 
-    Tiles are `tile` input pixels square with `overlap` shared; outputs are scaled by `scale`
-    (8 for decode, 1/8 for encode) and feathered linearly across the overlaps, so seams vanish.
-    `should_stop()` is polled before every tile (raises :class:`Cancelled`).
+    ComfyUI's tiling (``tiled_scale``): `tile` is (H, W) input pixels (or one int for both), tiles start
+    every ``tile - overlap`` below ``size - overlap`` (the last ones may be shorter), each image of the
+    batch on its own; outputs are scaled by `scale` (8 for decode, 1/8 for encode), weighted by
+    :func:`_feather` over ``round(overlap * scale)`` and averaged. An image that fits one tile is passed
+    whole. `should_stop()` is polled before every tile (raises :class:`Cancelled`).
     """
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
     b, _, h, w = x.shape
-    step = max(tile - overlap, 1)
-
-    def starts(size):
-        if size <= tile:
-            return [0]
-        s = list(range(0, size - tile, step)) + [size - tile]
-        return sorted(set(s))
-
-    out_h, out_w = int(h * scale), int(w * scale)
-    out = torch.zeros(b, out_channels, out_h, out_w)
-    weight = torch.zeros(1, 1, out_h, out_w)
-    ys, xs = starts(h), starts(w)
-    o = int(overlap * scale)
-    for y0 in ys:
-        for x0 in xs:
+    out_h, out_w = round(h * scale), round(w * scale)
+    feather = round(overlap * scale)
+    out = torch.empty(b, out_channels, out_h, out_w)
+    ys = range(0, h - overlap, th - overlap) if h > th else [0]
+    xs = range(0, w - overlap, tw - overlap) if w > tw else [0]
+    for i in range(b):
+        s = x[i : i + 1]
+        if h <= th and w <= tw:
             _poll(should_stop, "tiled VAE")
-            piece = fn(x[:, :, y0 : y0 + tile, x0 : x0 + tile]).float().cpu()
-            ph, pw = piece.shape[-2:]
-            oy, ox = int(y0 * scale), int(x0 * scale)
-            wy = _ramp(ph, min(o, ph), y0 > 0, y0 + tile < h)
-            wx = _ramp(pw, min(o, pw), x0 > 0, x0 + tile < w)
-            m = (wy[:, None] * wx[None, :])[None, None]
-            out[:, :, oy : oy + ph, ox : ox + pw] += piece * m
-            weight[:, :, oy : oy + ph, ox : ox + pw] += m
-    return out / weight
+            out[i : i + 1] = fn(s).float().cpu()
+            continue
+        acc = torch.zeros(1, out_channels, out_h, out_w)
+        weight = torch.zeros(1, 1, out_h, out_w)
+        for y in ys:
+            for x0 in xs:
+                _poll(should_stop, "tiled VAE")
+                py, px = max(0, min(h - overlap, y)), max(0, min(w - overlap, x0))
+                piece = fn(s[:, :, py : py + min(th, h - py), px : px + min(tw, w - px)]).float().cpu()
+                ph, pw = piece.shape[-2:]
+                m = (_feather(ph, feather)[:, None] * _feather(pw, feather)[None, :])[None, None]
+                oy, ox = round(py * scale), round(px * scale)
+                acc[:, :, oy : oy + ph, ox : ox + pw] += piece * m
+                weight[:, :, oy : oy + ph, ox : ox + pw] += m
+        out[i : i + 1] = acc / weight
+    return out
 
 
 def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor, tile: int = 64, overlap: int = 16,
@@ -233,3 +240,39 @@ def encode_tiled(vae: AutoencoderKL, pixels: torch.Tensor, tile: int = 512, over
                  should_stop=None) -> torch.Tensor:
     """Encode pixels in [-1, 1] in tiles of `tile` pixels (multiples of 8)."""
     return tiled(lambda t: vae.encode(t, should_stop), pixels, tile, overlap, 1 / 8, vae.cfg.embed_dim, should_stop)
+
+
+def _check_tiles(tile: int, overlap: int) -> None:
+    if tile // 2 - overlap <= 0:
+        raise ValueError(f"tile overlap {overlap} must be smaller than half the tile ({tile} → {tile // 2}); "
+                         "lower the overlap or raise the tile size")
+
+
+def decode_tiled_3(vae: AutoencoderKL, latent: torch.Tensor, tile: int = 64, overlap: int = 16,
+                   should_stop=None) -> torch.Tensor:
+    """ComfyUI's tiled decode (``VAE.decode_tiled_``): the mean of three tilings of the latent, tiles of
+    (2·tile, tile/2), (tile/2, 2·tile) and (tile, tile) latent pixels (H, W), summed in that order."""
+    _check_tiles(tile, overlap)
+
+    def f(t):
+        return vae.decode(t, should_stop)
+
+    return (tiled(f, latent, (tile * 2, tile // 2), overlap, 8, 3, should_stop)
+            + tiled(f, latent, (tile // 2, tile * 2), overlap, 8, 3, should_stop)
+            + tiled(f, latent, (tile, tile), overlap, 8, 3, should_stop)) / 3.0
+
+
+def encode_tiled_3(vae: AutoencoderKL, pixels: torch.Tensor, tile: int = 512, overlap: int = 64,
+                   should_stop=None) -> torch.Tensor:
+    """ComfyUI's tiled encode (``VAE.encode_tiled_``): the mean of three tilings of pixels in [-1, 1],
+    (tile, tile), (tile/2, 2·tile) and (2·tile, tile/2) pixels (H, W), summed in that order."""
+    _check_tiles(tile, overlap)
+
+    def f(t):
+        return vae.encode(t, should_stop)
+
+    z = tiled(f, pixels, (tile, tile), overlap, 1 / 8, vae.cfg.embed_dim, should_stop)
+    z += tiled(f, pixels, (tile // 2, tile * 2), overlap, 1 / 8, vae.cfg.embed_dim, should_stop)
+    z += tiled(f, pixels, (tile * 2, tile // 2), overlap, 1 / 8, vae.cfg.embed_dim, should_stop)
+    z /= 3.0
+    return z

@@ -138,3 +138,42 @@ def test_tiled_polls_before_every_tile():
     with pytest.raises(Cancelled, match="tiled VAE"):
         tiled(fn, torch.zeros(1, 4, 40, 40), 16, 4, 8, 3, should_stop=stop)
     assert len(calls) == 2 and stop.polls == 3
+
+
+def test_tiles_follow_comfyuis_positions_and_feathered_weights():
+    # Hand derivation of ComfyUI's tiled_scale on one row of 11 pixels, tile 6, overlap 2, scale 1:
+    # tiles start at range(0, 11 - 2, 6 - 2) = 0, 4, 8 (the last one 3 wide, not moved back to 5);
+    # weights (t + 1) / 2 at both ends of every tile: [.5, 1, 1, 1, 1, .5] and [.5, 1, .5] for the short one.
+    # Each tile's output is its mean (pixel value = column index): 2.5, 6.5, 9.0.
+    # catches: the last tile aligned to the end, borders not feathered, ramps of the wrong length or start
+    x = torch.arange(11, dtype=torch.float32).view(1, 1, 1, 11).repeat(1, 1, 4, 1)
+
+    def tile_mean(t):
+        return torch.full_like(t, float(t.mean()))
+
+    row = tiled(tile_mean, x, 6, 2, 1, 1)[0, 0, 0]
+    a, b, c = 2.5, 6.5, 9.0
+    want = torch.tensor([a, a, a, a, (a + 0.5 * b) / 1.5, (0.5 * a + b) / 1.5, b, b,
+                         (b + 0.5 * c) / 1.5, (0.5 * b + c) / 1.5, c])
+    assert torch.allclose(row, want, atol=1e-6), row
+
+
+def test_three_pass_tiled_decode_uses_comfyuis_three_tilings():
+    # ComfyUI VAE.decode_tiled_ with tile 8, overlap 2 on a 12×12 latent (derived by hand from its code):
+    # (H, W) tiles (16, 4): H fits, W starts range(0, 10, 2) → 5 tiles of 12×4; then (4, 16): 5 tiles of 4×12;
+    # then (8, 8): starts 0, 6 each way → 8×8, 8×6, 6×8, 6×6. The result is the mean of the three passes.
+    # catches: a pass missing or with H and W swapped, the mean taken over two passes
+    from sdxl_nodes.sdxl_core.vae import decode_tiled_3
+
+    shapes = []
+
+    class Spy:
+        def decode(self, t, should_stop=None):
+            shapes.append(tuple(t.shape[-2:]))
+            return torch.nn.functional.interpolate(t[:, :3], scale_factor=8, mode="nearest")
+
+    z = torch.randn(1, 4, 12, 12)
+    out = decode_tiled_3(Spy(), z, tile=8, overlap=2)
+    assert shapes == [(12, 4)] * 5 + [(4, 12)] * 5 + [(8, 8), (8, 6), (6, 8), (6, 6)]
+    # a pointwise decoder: each pass reconstructs it exactly, so the mean does too
+    assert torch.allclose(out, torch.nn.functional.interpolate(z[:, :3], scale_factor=8, mode="nearest"), atol=1e-5)

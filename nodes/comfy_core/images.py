@@ -10,15 +10,13 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 
 from ...sdxl_core.resize import CROP_METHODS, IMAGE_METHODS, resize
-from ...sdxl_core.vae import decode_tiled, encode_tiled
+from ...sdxl_core.vae import decode_tiled_3, encode_tiled_3
 from .. import images as ours
 from ..environment import NodeInputError, current
 from ..schema import MAX_RESOLUTION, Combo, Float, Int, NodeSchema, Output, Socket, String, node
 
 IMAGE_OUT = (Output("IMAGE", "IMAGE", "The image batch, [B, H, W, 3] in 0..1."),)
 LATENT_OUT = (Output("LATENT", "LATENT", "The latent."),)
-TILED_NOTE = ("Tiles are blended in one pass with linear ramps (sdxl_core.vae); ComfyUI averages three tilings, so "
-              "seams differ slightly. temporal_size / temporal_overlap (video VAEs) are accepted and unused.")
 
 
 def _vae():
@@ -69,15 +67,13 @@ def _tile_inputs(tile_step):
     outputs=IMAGE_OUT,
 ))
 class VAEDecodeTiled:
-    DIFFERS_FROM_COMFYUI = TILED_NOTE
-
     def run(self, samples, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         if tile_size < overlap * 4:
-            overlap = tile_size // 4
+            overlap = tile_size // 4  # as ComfyUI's node
         model = vae.load()
         z = samples["samples"].to(next(model.parameters()).device)
         with torch.inference_mode():
-            pixels = decode_tiled(model, z, tile=tile_size // 8, overlap=overlap // 8)
+            pixels = decode_tiled_3(model, z, tile=tile_size // 8, overlap=overlap // 8)
         return (((pixels.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous(),)
 
 
@@ -90,16 +86,17 @@ class VAEDecodeTiled:
     outputs=LATENT_OUT,
 ))
 class VAEEncodeTiled:
-    DIFFERS_FROM_COMFYUI = TILED_NOTE
-
     def run(self, pixels, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         b, h, w, _c = pixels.shape
         y0, x0 = (h % 8) // 2, (w % 8) // 2
         pixels = pixels[:, y0: y0 + h // 8 * 8, x0: x0 + w // 8 * 8, :3]
         model = vae.load()
         x = pixels.permute(0, 3, 1, 2).to(next(model.parameters()).device) * 2 - 1
+        if overlap >= tile_size // 2:
+            raise NodeInputError(f"overlap {overlap} must be smaller than half of tile_size {tile_size} (one of the "
+                                 "three tilings uses tiles half as high); lower the overlap or raise the tile size")
         with torch.inference_mode():
-            z = encode_tiled(model, x, tile=tile_size, overlap=min(overlap, tile_size // 4))
+            z = encode_tiled_3(model, x, tile=tile_size, overlap=overlap)
         return ({"samples": z.float().cpu()},)
 
 
