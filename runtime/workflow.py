@@ -17,6 +17,7 @@ Everything here is plain JSON manipulation; node definitions come in as an ``/ob
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -317,6 +318,45 @@ def widget_layout(node_def: Mapping[str, Any]) -> list[tuple[str, bool]]:
         if is_combo and any(options.get(k) for k in _UPLOAD_OPTIONS):
             layout.append((UPLOAD_WIDGET, True))
     return layout
+
+
+# Node types whose filename_prefix the editor expands (frontend 1.58 saveImageExtraOutput.ts); the SDXL*
+# save nodes are not among them, so the editor sends their prefixes as written (and so do we).
+SAVE_NODE_TYPES = frozenset((
+    "SaveImage", "SaveImageAdvanced", "SaveSVGNode", "SaveVideo", "SaveAnimatedWEBP", "SaveWEBM", "SaveAudio",
+    "SaveAudioMP3", "SaveAudioOpus", "SaveAudioAdvanced", "SaveGLB", "Save3DAdvanced", "SaveGaussianSplat", "SavePointCloud",
+    "SaveAnimatedPNG", "CLIPSave", "VAESave", "ModelSave", "LoraSave", "SaveLatent",
+))
+_FORBIDDEN_IN_NAMES = re.compile(r'[/?<>\\:*|"\x00-\x1F\x7F]')
+_DATE_TOKENS = re.compile(r"dd?|MM?|hh?|mm?|ss?|yyy?y?")
+
+
+def _format_date(pattern: str, now: datetime.datetime) -> str:
+    """The editor's formatDate: yyyy, yy, MM/M, dd/d, hh/h (24 h), mm/m, ss/s; other text unchanged."""
+    parts = {"d": now.day, "M": now.month, "h": now.hour, "m": now.minute, "s": now.second}
+
+    def one(match: re.Match) -> str:
+        token = match.group(0)
+        if token == "yy":
+            return str(now.year)[2:]
+        if token == "yyyy":
+            return str(now.year)
+        if token[0] in parts:
+            return str(parts[token[0]]).rjust(len(token), "0")
+        return token
+
+    return _DATE_TOKENS.sub(one, pattern)
+
+
+def _js_string(value: Any) -> str:
+    """``String(value)`` as JavaScript writes widget values (1.0 → "1", true → "true", null → "")."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    return str(value)
 
 
 def _is_combo(node_def: Mapping[str, Any], name: str) -> bool:
@@ -685,9 +725,9 @@ class _Converter:
             if not isinstance(values, list) or not values:
                 raise WorkflowError(f"{self.source}: PrimitiveNode {node_id}{graph.where} has no value "
                                     "(empty widgets_values); set its value in the editor")
-            if (node.get("properties") or {}).get("Run widget replace on values") and "%" in str(values[0]):
-                log.warning("%s: PrimitiveNode %s asks for text replacements (%%date:…%%, %%Node.widget%%) in %r; "
-                            "they are not applied here, the text is sent as it is", self.source, node_id, values[0])
+            value = values[0]
+            if value and (node.get("properties") or {}).get("Run widget replace on values") and isinstance(value, str):
+                value = self.text_replacements(value)
             for link_id in link_ids:
                 link = graph.links.get(str(link_id))
                 target = graph.nodes.get(link[2]) if link else None
@@ -704,7 +744,51 @@ class _Converter:
                                 "ignored as the frontend does", self.source, node_id,
                                 inp.get("name") if inp else None, target.get("id"))
                     continue
-                self.overrides.setdefault((graph.id, str(target["id"])), {})[wname] = values[0]
+                self.overrides.setdefault((graph.id, str(target["id"])), {})[wname] = value
+
+    # ---- the editor's text replacements (src/utils/searchAndReplace.ts) -------------------------
+
+    def text_replacements(self, value: str) -> str:
+        """``%date:yyyy-MM-dd%`` and ``%Node.widget%`` as the editor expands them when it queues: in a save
+        node's ``filename_prefix`` and in PrimitiveNodes with "Run widget replace on values". A node is found
+        by its "Node name for S&R" property, else by its title, first match in the workflow; anything not found
+        stays as written (the editor only warns)."""
+
+        def one(match: re.Match) -> str:
+            text = match.group(1)
+            split = text.split(".")
+            if len(split) != 2:
+                return _format_date(split[0][5:], datetime.datetime.now()) if split[0].startswith("date:") \
+                    else match.group(0)
+            found = self.find_node(split[0])
+            if found is None:
+                return match.group(0)
+            node, graph = found
+            widgets = self.widget_values(node, graph) if node.get("type") in self.object_info else {}
+            if split[1] not in widgets:
+                return match.group(0)
+            return _FORBIDDEN_IN_NAMES.sub("_", _js_string(widgets[split[1]]))
+
+        return re.sub(r"%([^%]+)%", one, value)
+
+    def find_node(self, name: str) -> tuple[dict, _Graph] | None:
+        every = [(n, g) for g in (self.root, *self.subgraphs.values()) for n in g.nodes.values()]
+        for matches in (lambda n: (n.get("properties") or {}).get("Node name for S&R") == name,
+                        lambda n: self.title(n) == name):
+            hits = [(n, g) for n, g in every if matches(n)]
+            if hits:
+                if len(hits) > 1:
+                    log.warning("%s: %d nodes match %r in a text replacement; using the first", self.source,
+                                len(hits), name)
+                return hits[0]
+        return None
+
+    def title(self, node: dict) -> str | None:
+        """The title the editor shows: the saved one, else the node type's display name."""
+        if isinstance(node.get("title"), str):
+            return node["title"]
+        node_def = self.object_info.get(node.get("type"))
+        return (node_def or {}).get("display_name") or node.get("type")
 
     # ---- the conversion ------------------------------------------------------------------
 
@@ -755,6 +839,8 @@ class _Converter:
             node_def = self.object_info[node["type"]]
             inputs: dict[str, Any] = {}
             for name, value in self.widget_values(node, dto.graph).items():
+                if name == "filename_prefix" and isinstance(value, str) and node["type"] in SAVE_NODE_TYPES:
+                    value = self.text_replacements(value)  # the editor's Comfy.SaveImageExtraOutput
                 inputs[name] = {"__value__": value} if isinstance(value, list) else value
             for slot, (name, _t, _l) in enumerate(dto.inputs):
                 resolved = self.resolve_input(dto, slot, set())

@@ -169,3 +169,46 @@ def test_group_node_with_unknown_inner_type(object_info):
     workflow["extra"]["groupNodes"]["Decode and save"]["nodes"][1]["type"] = "ImageUpscaleWithModel"
     with pytest.raises(WorkflowError, match=r"group node 7 .*unknown node type 'ImageUpscaleWithModel'"):
         ui_to_api(workflow, object_info)
+
+
+def test_text_replacements_as_the_editor_applies_them():
+    # Hand-derived from the editor's searchAndReplace.ts / formatUtil.ts / saveImageExtraOutput.ts: a SaveImage
+    # prefix expands %Title.widget% (found by "Node name for S&R", else by title; / : * etc. become _) and
+    # %date:…% (yyyy MM dd hh mm ss, zero-padded); an unknown pattern stays; our SDXLSaveImage is not expanded.
+    # catches: replacements not applied, S&R name not preferred over the title, forbidden characters kept,
+    # 1.0 written as "1.0" instead of JavaScript's "1", the date tokens mis-read
+    import datetime
+
+    from sdxl_nodes.runtime import workflow as W
+
+    info = {
+        "SaveImage": {"display_name": "Save Image", "input": {"required": {"images": ["IMAGE", {}],
+                                                                         "filename_prefix": ["STRING", {}]}},
+                      "input_order": {"required": ["images", "filename_prefix"]}, "output": []},
+        "Seedy": {"display_name": "Seedy", "input": {"required": {"seed": ["INT", {}], "cfg": ["FLOAT", {}],
+                                                                 "name": ["STRING", {}]}},
+                  "input_order": {"required": ["seed", "cfg", "name"]}, "output": ["IMAGE"],
+                  "output_name": ["IMAGE"]},
+    }
+    wf = {"nodes": [
+        {"id": 1, "type": "Seedy", "mode": 0, "title": "Sampler", "inputs": [],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}], "widgets_values": [42, "fixed", 7.0, "a/b:c"]},
+        {"id": 2, "type": "Seedy", "mode": 0, "properties": {"Node name for S&R": "Sampler"}, "inputs": [],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}], "widgets_values": [7, "fixed", 1.5, "x"]},
+        {"id": 3, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+         "outputs": [], "widgets_values": ["%Sampler.seed%_%Sampler.cfg%_%Seedy.name%_%Nope.x%_%date:yyyy-M-dd%"]},
+    ], "links": [[1, 1, 0, 3, 0, "IMAGE"]]}
+    now = datetime.datetime.now()
+    prefix = W.ui_to_api(wf, info)["3"]["inputs"]["filename_prefix"]
+    # "Sampler" is node 2's S&R name (preferred to node 1's title); "Seedy" is node 2's default title (its
+    # type's display name; node 1 carries its own title). (A seed widget has a control_after_generate slot.)
+    assert prefix.startswith("7_1.5_x_%Nope.x%_"), prefix
+    assert prefix.endswith(f"{now.year}-{now.month}-{now.day:02d}"), prefix
+    wf["nodes"][1]["properties"] = {}
+    wf["nodes"][1]["widgets_values"] = [7, "fixed", 1.0, "x"]
+    prefix = W.ui_to_api(wf, info)["3"]["inputs"]["filename_prefix"]
+    assert prefix.startswith("42_7_x_"), prefix  # now by title: node 1; 7.0 → "7"
+    wf["nodes"][0]["title"] = "Other"
+    wf["nodes"][2]["widgets_values"] = ["%Other.name%"]
+    assert W.ui_to_api(wf, info)["3"]["inputs"]["filename_prefix"] == "a_b_c"
+    assert W._format_date("yy/MM/d hh:mm:ss yyy", datetime.datetime(2026, 3, 4, 5, 6, 7)) == "26/03/4 05:06:07 yyy"
