@@ -163,6 +163,7 @@ def main() -> None:
     env = child_env(args.cli)
 
     ref = in_process(prompt, extra, NODE_CLASS_MAPPINGS)
+    environment.free_models()  # full size: the subprocesses need the memory this process's models hold
     run_wall, run_exec = via_run(args, prompt_file, folders, env)
     serve_cold, serve_warm = via_serve(args, prompt, extra, folders, env)
     ref2 = in_process(prompt, extra, NODE_CLASS_MAPPINGS)  # again, after: the load may have changed
