@@ -80,7 +80,3 @@ def _core_section() -> list[str]:
     out += ["", "`VAELoader` comes with the LoRA / VAE loader module; ControlNet, IPAdapter and other packs' nodes "
             "are not available: a workflow using them stops before running with one message naming each such node."]
     return out
-
-
-if __name__ == "__main__":
-    print(render(), end="")

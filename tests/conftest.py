@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 
@@ -42,3 +45,16 @@ def _no_environment_leaks():
         before._ACTIVE.reset(token)
     elif (after := sys.modules.get("sdxl_nodes.nodes.environment")) is not None:
         after._ACTIVE.set(None)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_checkpoints):
+    """A ComfyUI-style models/ folder whose checkpoints/ holds the tiny base and refiner (hard links)."""
+    root = tmp_path_factory.mktemp("models")
+    (root / "checkpoints").mkdir()
+    for path in tiny_checkpoints.values():
+        try:
+            os.link(path, root / "checkpoints" / path.name)
+        except OSError:
+            shutil.copyfile(path, root / "checkpoints" / path.name)
+    return root

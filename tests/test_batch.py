@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -122,18 +121,6 @@ def test_batch_modules_import_neither_torch_nor_ray():
 
 # ------------------------------------------------------------------------------------------------
 # Running (tiny checkpoints)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny_checkpoints):
-    root = tmp_path_factory.mktemp("batch_models")
-    (root / "checkpoints").mkdir()
-    for path in tiny_checkpoints.values():
-        try:
-            os.link(path, root / "checkpoints" / path.name)
-        except OSError:
-            shutil.copyfile(path, root / "checkpoints" / path.name)
-    return root
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +27,6 @@ WORKFLOWS = REPO / "workflows"
 DATA = Path(__file__).resolve().parent / "data"
 BASE, REFINER = "sd_xl_base_1.0.safetensors", "sd_xl_refiner_1.0.safetensors"
 SMALL_BASE = ["--set", "6.width=64", "--set", "6.height=64", "--set", "7.steps=2"]
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny_checkpoints):
-    root = tmp_path_factory.mktemp("cli_models")
-    (root / "checkpoints").mkdir()
-    for path in tiny_checkpoints.values():
-        try:  # hard links: symlinked checkpoints are rejected (tests/test_workflows_e2e.py)
-            os.link(path, root / "checkpoints" / path.name)
-        except OSError:
-            shutil.copyfile(path, root / "checkpoints" / path.name)
-    return root
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -37,18 +36,6 @@ DATA = Path(__file__).resolve().parent / "data"
 BASE, REFINER = "sd_xl_base_1.0.safetensors", "sd_xl_refiner_1.0.safetensors"
 POS, NEG = "a glass bottle with a galaxy in it, (sunset:1.2)", "text, watermark"
 CLASSES, _NAMES = cli.node_pack(standalone=True)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny_checkpoints):
-    root = tmp_path_factory.mktemp("core_models")
-    (root / "checkpoints").mkdir()
-    for path in tiny_checkpoints.values():
-        try:
-            os.link(path, root / "checkpoints" / path.name)
-        except OSError:
-            shutil.copyfile(path, root / "checkpoints" / path.name)
-    return root
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The HTTP/WebSocket server (runtime/server/) against ../shared/frontend/API.md, with stub nodes.
+"""The HTTP/WebSocket server (runtime/server/) against the frontend's API (the recorded calls), with stub nodes.
 
 Fast: aiohttp's test client, no browser, no torch. The recorded payloads in
 ``tests/data/frontend_samples/`` (vendored) are the reference for shapes.

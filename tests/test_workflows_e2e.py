@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -50,24 +48,6 @@ SMALL = {
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny_checkpoints):
-    """A ComfyUI-style models/ folder with the tiny checkpoints in checkpoints/."""
-    root = tmp_path_factory.mktemp("e2e_models")
-    (root / "checkpoints").mkdir()
-    for path in tiny_checkpoints.values():
-        link_or_copy(path, root / "checkpoints" / path.name)
-    return root
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    # hard links keep the fixture independent of the symlink handling tested below
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 @pytest.fixture
