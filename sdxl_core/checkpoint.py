@@ -298,12 +298,21 @@ def load_part(
     prefix = _prefixes(cfg)[part]
     groups, _ = split_keys(shapes, cfg)
     rel = {}
+    uploader = None
+    if torch.device(device).type == "cuda":
+        from .accel import PinnedUploader
+
+        uploader = PinnedUploader(device)  # through pinned staging buffers: full bus speed, overlapped
     with open_weights(path) as f:
         for key in groups[part]:
             t = f.get_tensor(key)
-            if t.is_floating_point():
+            if uploader is not None:
+                t = uploader.upload(t, dtype if t.is_floating_point() else None)
+            elif t.is_floating_point():
                 t = t.to(device=device, dtype=dtype)  # one tensor at a time: never a full fp32 copy
             rel[key[len(prefix):]] = t
+    if uploader is not None:
+        uploader.finish()
     module.load_state_dict(_to_module_keys(part, rel, module), strict=True, assign=True)
     _materialize_buffers(module, device)
     return module
@@ -342,17 +351,17 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> tor
     leaf = name.rsplit(".", 1)[-1]
     is_norm = any(s in name for s in ("norm", "ln_", "layer_norm", "in_layers.0.", "out_layers.0.", ".out.0."))
     if is_norm and leaf == "weight" and len(shape) == 1:
-        return 1.0 + 0.05 * torch.randn(shape, generator=gen)
+        return 1.0 + 0.05 * torch.randn(shape, generator=gen, device=gen.device)
     if leaf == "logit_scale":
         return torch.tensor(4.6052)
     if len(shape) == 1:
-        return 0.02 * torch.randn(shape, generator=gen)
+        return 0.02 * torch.randn(shape, generator=gen, device=gen.device)
     if "embedding" in name:
-        return 0.02 * torch.randn(shape, generator=gen)
+        return 0.02 * torch.randn(shape, generator=gen, device=gen.device)
     fan_in = 1
     for s in shape[1:]:
         fan_in *= s
-    return torch.randn(shape, generator=gen) / fan_in**0.5
+    return torch.randn(shape, generator=gen, device=gen.device) / fan_in**0.5
 
 
 def file_layout(cfg: SDXLConfig) -> dict[str, tuple[int, ...]]:
@@ -371,17 +380,19 @@ def file_layout(cfg: SDXLConfig) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_checkpoint(
-    path: str | os.PathLike, cfg: SDXLConfig, *, seed: int = 0, dtype: torch.dtype = torch.float16
+    path: str | os.PathLike, cfg: SDXLConfig, *, seed: int = 0, dtype: torch.dtype = torch.float16,
+    device: str | torch.device = "cpu",
 ) -> Path:
-    """Write a random-weight checkpoint with the official key names, deterministic from `seed`.
+    """Write a random-weight checkpoint with the official key names, deterministic from `seed` (and the
+    device whose generator draws them: a GPU writes full-size files in seconds, with other values).
 
     Written to a temporary name and renamed, so a crash never leaves half a file behind.
     """
     path = Path(path)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for key, shape in file_layout(cfg).items():
-        tensors[key] = _init_tensor(key, shape, gen).to(dtype).contiguous()
+        tensors[key] = _init_tensor(key, shape, gen).to(dtype).contiguous().cpu()
     if cfg.clip_l is not None:  # transformers 4.x wrote this int64 buffer into the released file
         tensors[CLIP_L_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(cfg.clip_l.max_length)[None]
     path.parent.mkdir(parents=True, exist_ok=True)
