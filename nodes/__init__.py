@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .compile import TorchCompile
 from .images import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
 from .loaders import CheckpointLoader
 from .lora import LoraLoader, VAELoader
@@ -12,6 +13,7 @@ NODES = (
     CheckpointLoader,
     LoraLoader,
     VAELoader,
+    TorchCompile,
     DualCLIPEncode,
     SizeCropConditioning,
     RefinerConditioning,

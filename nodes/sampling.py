@@ -79,7 +79,7 @@ def _check_model_and_conds(model, positive, negative, node_name: str):
 
 def run_sampler(model, positive, negative, latent, progress, **kwargs):
     """Sample a LATENT dict with a model handle: honours its batch_index and noise_mask (both node sets)."""
-    unet = model.load()
+    unet = model.load_for_sampling()
     device = next(unet.parameters()).device
     samples = latent["samples"]
     steps = StepReporter(progress)

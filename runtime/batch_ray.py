@@ -101,7 +101,7 @@ def worker_settings(args) -> dict:
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
     return {"models_dir": folder(args.models_dir), "input_dir": folder(args.input_dir), "device": args.device,
-            "dtype": args.dtype, "vae_dtype": args.vae_dtype}
+            "dtype": args.dtype, "vae_dtype": args.vae_dtype, "compile": getattr(args, "compile", None)}
 
 
 def connect(ray, address: str) -> None:

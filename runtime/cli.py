@@ -93,8 +93,14 @@ def build_environment(args):
     from ..nodes.environment import configure
     from ..sdxl_core.memory import DTYPES, RuntimeOptions
 
+    device = getattr(args, "device", "auto") or "auto"
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     options = RuntimeOptions(
-        device=getattr(args, "device", "cpu"),
+        device=device,
+        compile=getattr(args, "compile", None),
         unet_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
         text_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
         vae_dtype=DTYPES[args.vae_dtype] if getattr(args, "vae_dtype", None) else None,
@@ -467,7 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         device(sp)
 
     def device(sp):
-        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+        sp.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: auto = cuda when a GPU is there, else cpu)")
+        sp.add_argument("--compile", nargs="?", const="inductor", default=None,
+                        choices=["inductor", "cudagraphs", "max-autotune"],
+                        help="torch.compile the UNet (default backend: inductor). The first step of each image "
+                             "size compiles (a minute or more); later runs of that size in the same process are "
+                             "faster. Best with `serve` or batches")
         sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="UNet and text encoder precision (default: fp32 on CPU, fp16 on CUDA)")
         sp.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None,

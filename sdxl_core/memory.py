@@ -40,6 +40,10 @@ class RuntimeOptions:
     vae_dtype: torch.dtype | None = None
     # Leave this many bytes free when deciding whether a network fits (OS, activations).
     reserve_bytes: int = 2 * 1024**3
+    # torch.compile the UNet for sampling (accel.COMPILE_BACKENDS; None = eager), and channels_last
+    # convolution weights on CUDA (cuDNN's native layout for fp16/bf16)
+    compile: str | None = None
+    channels_last: bool = True
 
     def resolved(self) -> RuntimeOptions:
         dev = torch.device(self.device)
@@ -57,6 +61,8 @@ class RuntimeOptions:
             text_dtype=self.text_dtype or half,
             vae_dtype=self.vae_dtype or vae,
             reserve_bytes=self.reserve_bytes,
+            compile=self.compile,
+            channels_last=self.channels_last,
         )
 
     def dtype_for(self, part: str) -> torch.dtype:
@@ -252,9 +258,20 @@ class ModelRef:
     # LoRAs to apply, in chain order: ((lora.LoraPatches, strength), …); a LoRA node returns a copy
     # of its input handle with one more entry, so the payload never carries weights of its own
     patches: tuple = ()
+    # torch.compile backend for this UNet (TorchCompileModel / SDXL Compile UNet); None: the manager's option
+    compile: str | None = None
 
     def load(self) -> nn.Module:
         return self.manager.get(self.path, self.part, self.patches)
+
+    def load_for_sampling(self) -> nn.Module:
+        """The network as the sampler calls it: compiled when this handle or the runtime options ask for it."""
+        from .accel import compiled, to_channels_last
+
+        module, options = self.load(), self.manager.options
+        if options.channels_last and torch.device(options.device).type == "cuda":
+            to_channels_last(module)  # idempotent; weights patched or re-read later are NCHW again until here
+        return compiled(module, self.compile or options.compile)
 
     @property
     def kind(self) -> str:

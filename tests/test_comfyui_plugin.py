@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 NODE_IDS = sorted([
     "SDXLCheckpointLoader", "SDXLDualCLIPEncode", "SDXLSizeCropConditioning", "SDXLRefinerConditioning",
     "SDXLEmptyLatent", "SDXLBaseSampler", "SDXLNoiseAndRefine", "SDXLVAEDecode", "SDXLVAEEncode",
-    "SDXLLoadImage", "SDXLSaveImage", "SDXLPreviewImage", "SDXLLoraLoader", "SDXLVAELoader",
+    "SDXLLoadImage", "SDXLSaveImage", "SDXLPreviewImage", "SDXLLoraLoader", "SDXLVAELoader", "SDXLTorchCompile",
 ])
 
 HOST = textwrap.dedent(r'''

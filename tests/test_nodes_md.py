@@ -15,7 +15,7 @@ def test_nodes_md_is_up_to_date():
 
 
 def test_every_input_and_output_has_a_tooltip_and_ids_are_prefixed():
-    assert len(NODES) == 14
+    assert len(NODES) == 15
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
         assert node_id.startswith("SDXL")
         assert cls.DESCRIPTION and cls.CATEGORY.startswith("sdxl/")

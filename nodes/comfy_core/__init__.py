@@ -12,9 +12,9 @@ ComfyUI's own nodes stand. Adding a module: import it below and add its ``NODES`
 
 from __future__ import annotations
 
-from . import conditioning, images, latent, loaders, loras, sampling
+from . import conditioning, extras, images, latent, loaders, loras, sampling
 
-MODULES = (loaders, loras, conditioning, latent, sampling, images)
+MODULES = (loaders, loras, conditioning, latent, sampling, images, extras)
 
 NODES = tuple(cls for module in MODULES for cls in module.NODES)
 

@@ -1,0 +1,125 @@
+"""torch.compile plumbing: `--compile`, SDXL Compile UNet and TorchCompileModel reach the sampler's UNet.
+
+torch.compile itself is replaced by a recorder (a real compile of even the tiny UNet takes minutes on two
+CPU cores; benchmarks/bench_gpu.py measures the real one on a GPU). The recorder returns a wrapper that
+calls the module, so the pixels must equal the uncompiled run and each (network, backend) must be
+compiled exactly once however many times it samples.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdxl_nodes.nodes.environment import build, use
+from sdxl_nodes.runtime import cli
+from sdxl_nodes.runtime.executor import Executor
+from sdxl_nodes.runtime.validate import validate_prompt
+from sdxl_nodes.sdxl_core import accel
+from sdxl_nodes.sdxl_core.memory import RuntimeOptions
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, module, **kwargs):
+        self.calls.append((module, kwargs))
+        wrapper = torch.nn.Module()
+        wrapper.inner = module  # parameters() reaches the module's (the sampler reads their dtype/device)
+        wrapper.forward = lambda *a, **k: module(*a, **k)
+        wrapper.compiled_with = kwargs
+        return wrapper
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr(torch, "compile", rec)
+    monkeypatch.setattr(accel, "_COMPILED", accel.weakref.WeakKeyDictionary())
+    return rec
+
+
+def graph(seed: int, compile_node: str | None, backend: str = "inductor") -> dict:
+    p = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": f"c{seed}", "images": ["6", 0]}},
+    }
+    if compile_node:
+        p["9"] = {"class_type": compile_node, "inputs": {"model": ["1", 0], "backend": backend}}
+        p["5"]["inputs"]["model"] = ["9", 0]
+    return p
+
+
+def run_latent(models_dir, tmp_path, prompt, options=None):
+    classes, _ = cli.node_pack(standalone=True)
+    env = build(models_dir=models_dir, output_dir=tmp_path / "out", options=options or RuntimeOptions())
+    with use(env):
+        ex = Executor(classes)
+        res = ex.execute(prompt, str(uuid.uuid4()))
+        assert res.success, res.error
+        ex.last_result, ex.env_output = res, env.output_dir
+        return ex, env
+
+
+def sampled(ex) -> np.ndarray:
+    """The saved image's pixels."""
+    (entry,) = ex.last_result.outputs["7"]["images"]
+    with Image.open(ex.env_output / entry["subfolder"] / entry["filename"]) as im:
+        return np.asarray(im).copy()
+
+
+@pytest.mark.parametrize("node_id,backend", [("SDXLTorchCompile", "max-autotune"), ("TorchCompileModel", "cudagraphs")])
+def test_compile_node_compiles_the_unet_once_and_changes_no_pixel(models_dir, tmp_path, recorder, node_id, backend):
+    prompt = graph(1, None)
+    plain_ex, _ = run_latent(models_dir, tmp_path, prompt)
+    want = sampled(plain_ex)
+    assert recorder.calls == []  # no compile without the node or the option
+
+    p = graph(1, node_id, backend)
+    if node_id == "SDXLTorchCompile":  # our node takes our sockets: the same graph in our ids
+        p["9"]["inputs"]["model"] = ["1", 0]
+    ex, env = run_latent(models_dir, tmp_path, p)
+    assert np.array_equal(sampled(ex), want)
+    assert len(recorder.calls) == 1
+    module, kwargs = recorder.calls[0]
+    assert module is env.manager.get(env.checkpoint_path("sd_xl_base_1.0.safetensors"), "unet")
+    expected = {"mode": "max-autotune", "dynamic": False} if backend == "max-autotune" else \
+        {"backend": backend, "dynamic": False}
+    assert kwargs == expected
+
+    # a new seed samples again with the same compiled UNet: no second compile
+    p2 = graph(2, node_id, backend)
+    with use(env):
+        assert ex.execute(p2, str(uuid.uuid4())).success
+    assert len(recorder.calls) == 1
+
+
+def test_compile_option_from_the_command_line(models_dir, tmp_path, recorder):
+    args = cli.build_parser().parse_args(["run", "x.json", "--models-dir", str(models_dir), "--compile"])
+    env = cli.build_environment(args)
+    assert env.manager.options.compile == "inductor"
+    ex, _ = run_latent(models_dir, tmp_path, graph(3, None), options=env.manager.options)
+    assert len(recorder.calls) == 1 and recorder.calls[0][1] == {"backend": "inductor", "dynamic": False}
+    args = cli.build_parser().parse_args(["run", "x.json", "--models-dir", str(models_dir)])
+    assert cli.build_environment(args).manager.options.compile is None
+
+
+def test_unknown_backend_is_refused_before_anything_runs(models_dir, tmp_path):
+    classes, _ = cli.node_pack(standalone=True)
+    env = build(models_dir=models_dir, output_dir=tmp_path / "out")
+    with use(env):
+        errors = validate_prompt(graph(1, "TorchCompileModel", "tensorrt"), classes)
+    text = str(errors)
+    assert "backend" in text and "tensorrt" in text and "inductor" in text
