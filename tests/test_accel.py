@@ -123,3 +123,25 @@ def test_unknown_backend_is_refused_before_anything_runs(models_dir, tmp_path):
         errors = validate_prompt(graph(1, "TorchCompileModel", "tensorrt"), classes)
     text = str(errors)
     assert "backend" in text and "tensorrt" in text and "inductor" in text
+
+
+def test_channels_last_changes_layout_not_values(tiny_checkpoints):
+    """channels_last (the CUDA default) only reorders memory: same weights, same eps to fp32 rounding. Catches a
+    conversion that permutes values (e.g. a reshape instead of a memory-format change)."""
+    from sdxl_nodes.sdxl_core.checkpoint import load_part
+
+    unet = load_part(tiny_checkpoints["base"], "unet")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    ctx_dim = next(m for n, m in unet.named_modules() if n.endswith("attn2.to_k")).in_features
+    adm = unet.label_emb[0][0].in_features
+    x, ctx, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, ctx_dim, generator=g), torch.randn(2, adm, generator=g)
+    t = torch.tensor([999.0, 500.0])
+    with torch.inference_mode():
+        want = unet(x, t, ctx, y)
+        accel.to_channels_last(unet)
+        got = unet(x, t, ctx, y)
+    convs = [p for p in unet.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
