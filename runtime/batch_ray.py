@@ -113,8 +113,15 @@ def connect(ray, address: str) -> None:
         else:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        hint = ""
+        if not os.environ.get("RAY_AUTH_MODE") and address != "local":
+            # recent Ray (2.60 here) starts heads with token authentication; a client without RAY_AUTH_MODE=token sends
+            # no token and the head drops the connection (the client only sees a timeout)
+            hint = (" If the cluster uses token authentication (the default of `ray start --head` in recent Ray, "
+                    "e.g. 2.60), set RAY_AUTH_MODE=token here and make its token available (~/.ray/auth_token, "
+                    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN).")
         raise CLIError(f"--ray {address}: could not connect to a Ray cluster ({e}). Start one with "
-                       "`ray start --head`, pass its address (ray://HOST:10001), or use --ray local") from e
+                       "`ray start --head`, pass its address (ray://HOST:10001), or use --ray local." + hint) from e
 
 
 def actor_options(ray, count: int | None) -> tuple[int, dict]:
