@@ -190,6 +190,15 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _touch(module: nn.Module) -> None:
+    """Read one value of every page of the module's tensors: memory-mapped weights are then really read
+    from the file now (in the prefetch thread), not page by page in the middle of the computation."""
+    with torch.no_grad():
+        for t, _ in _tensors(module):
+            if t.device.type == "cpu" and t.numel() and t.is_contiguous():
+                t.view(-1)[:: max(1, 4096 // t.element_size())].sum()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
@@ -318,8 +327,18 @@ class _Entry:
         return f"{self.key[3]} of {Path(self.key[0]).name}"
 
 
-# References to an entry's module that are the manager's own: `entry.module` and getrefcount's argument.
-_OWN_REFS = 2
+def _refcount(entry) -> int:
+    return sys.getrefcount(entry.module)
+
+
+# The count `_refcount` sees for a module referenced by nothing but its entry (the attribute, plus the
+# argument where the interpreter counts it), measured rather than assumed: CPython versions differ.
+class _Probe:
+    def __init__(self):
+        self.module = object()
+
+
+_OWN_REFS = _refcount(_Probe())
 
 
 class ModelManager:
@@ -527,6 +546,8 @@ class ModelManager:
             module = read(HOST)
             if self.offload and self._pin:
                 host = pack_to_host(module, pin=True)
+            else:
+                _touch(module)
         except Exception as err:  # noqa: BLE001 - a thread must not die silently; get() reads it again and raises
             log.warning("prefetching the %s failed (%s: %s); it will be read when it is needed",
                         entry.label, type(err).__name__, err)
@@ -567,7 +588,7 @@ class ModelManager:
     def _in_use(self, entry: _Entry) -> bool:
         if entry.users or entry.loading:
             return True
-        return sys.getrefcount(entry.module) > _OWN_REFS
+        return _refcount(entry) > _OWN_REFS
 
     def _to_host(self, module: nn.Module) -> _HostStore:
         """GPU → host RAM (pinned when CUDA is available). A seam tests replace to watch the moves."""
