@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .environment import current
 from .handles import ClipRef, ModelRef
 from .schema import Combo, NodeSchema, Output, node
@@ -40,6 +42,10 @@ class CheckpointLoader:
         env = current()
         path = str(env.checkpoint_path(ckpt_name))
         config, _shapes = env.manager.inspect(path)  # strict key/shape check; loads no weights yet
+        if env.manager.options.prefetch_unet and torch.device(env.manager.options.device).type == "cuda":
+            # read the UNet into (pinned) host RAM while the prompts are encoded and the other UNet samples;
+            # only when RAM has room (the manager decides), and never twice (get() waits for this read)
+            env.manager.prefetch(path, "unet")
         return (
             ModelRef(env.manager, path, "unet", config),
             ClipRef(env.manager, path, config),

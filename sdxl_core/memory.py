@@ -84,6 +84,9 @@ class RuntimeOptions:
     # convolution weights on CUDA (cuDNN's native layout for fp16/bf16)
     compile: str | None = None
     channels_last: bool = True
+    # on CUDA, checkpoint loaders start reading their UNet into host RAM at once (overlapped with the
+    # text encoders and the other UNet's sampling: the refiner is ready when the base finishes)
+    prefetch_unet: bool = True
 
     # Most bytes of network weights kept on the GPU (None = whatever VRAM is free): a cap such as 8 GiB makes
     # a large GPU behave like a small one (the "8 GB-VRAM mode"); the reserve above comes out of it too.
@@ -109,6 +112,7 @@ class RuntimeOptions:
             reserve_bytes=self.reserve_bytes,
             compile=self.compile,
             channels_last=self.channels_last,
+            prefetch_unet=self.prefetch_unet,
         )
 
     def dtype_for(self, part: str) -> torch.dtype:

@@ -145,3 +145,33 @@ def test_channels_last_changes_layout_not_values(tiny_checkpoints):
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("device,prefetch_unet,expected", [("cuda", True, True), ("cuda", False, False),
+                                                            ("cpu", True, False)])
+def test_checkpoint_loader_prefetches_the_unet_on_cuda(models_dir, tmp_path, device, prefetch_unet, expected):
+    """On CUDA a checkpoint loader starts the UNet's read at once (overlapping the refiner's read with the
+    base's work); on the CPU it must not (a prefetch there only raises peak RAM)."""
+    import dataclasses
+
+    from sdxl_nodes.nodes.loaders import CheckpointLoader
+
+    env = build(models_dir=models_dir, output_dir=tmp_path / "out")
+    real = env.manager
+    calls = []
+
+    class Recording:  # the manager as the loader sees it, on a device this machine may not have
+        options = dataclasses.replace(real.options, device=device, prefetch_unet=prefetch_unet)
+
+        def inspect(self, path):
+            return real.inspect(path)
+
+        def prefetch(self, path, part):
+            calls.append((path, part))
+            return True
+
+    env.manager = Recording()
+    with use(env):
+        CheckpointLoader().run("sd_xl_refiner_1.0.safetensors")
+    want = [(str(env.checkpoint_path("sd_xl_refiner_1.0.safetensors")), "unet")] if expected else []
+    assert calls == want
