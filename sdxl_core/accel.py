@@ -11,6 +11,11 @@ check of which attention kernel SDPA really runs.
 * `PinnedUploader`: host→GPU copies of a network's tensors through a reusable pinned staging buffer
   (the copy engine reads pinned memory at full bus speed and overlaps with the next tensor's read
   from the file); pageable copies are staged by the driver in small chunks instead.
+* `sdpa_backends(device)`: the attention kernels our networks may use on CUDA: flash, then memory-efficient,
+  then math; never cuDNN's. On an H200 with torch 2.11 SDPA picked cuDNN's kernel for our UNet and the
+  fp16 run then differed from the fp32 run by 40 % (UNet eps) and 58 % (CLIP hidden states), max
+  relative, where fp16 arithmetic alone gives 0.2 % (the same CLIP in fp16 on the CPU); PyTorch's tracker
+  has open correctness reports against that backend on H100/H200/B200 (pytorch#196678, #193893).
 * `attention_kernels(fn)`: names of the GPU kernels ``fn()`` runs that implement attention, from the
   profiler, so a benchmark can show flash / memory-efficient attention was chosen, not the math path.
 
@@ -19,6 +24,7 @@ Nothing here changes a result beyond the rounding of the dtype the network alrea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 
@@ -48,6 +54,19 @@ def compiled(module: nn.Module, backend: str | None) -> nn.Module:
                  type(module).__name__, backend)
         per_module[backend] = fn
     return per_module[backend]
+
+
+@contextlib.contextmanager
+def sdpa_backends(device):
+    """Inside: `F.scaled_dot_product_attention` on CUDA uses flash / memory-efficient / math kernels, not
+    cuDNN's (see the module docstring). Nothing changes off CUDA. Flags are restored on exit."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:

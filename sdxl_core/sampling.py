@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import samplers as solvers
+from .accel import sdpa_backends
 from .conditioning import CondEntry, resolve_entries
 from .config import LATENT_SCALE
 from .errors import Cancelled, SamplingError
@@ -379,5 +380,6 @@ def sample(
         mask = prepare_noise_mask(noise_mask, latent.shape).to(latent.device)
         denoiser = InpaintDenoiser(denoiser, mask, latent, noise)
     logger.debug("sampling %s/%s, %d steps, sigma %.4f -> %.4f", sampler_name, scheduler, total, float(sigmas[0]), float(sigmas[-1]))
-    samples = SAMPLERS[sampler_name](denoiser, x, sigmas, extra_args={"seed": seed}, callback=k_callback)
+    with sdpa_backends(x.device):
+        samples = SAMPLERS[sampler_name](denoiser, x, sigmas, extra_args={"seed": seed}, callback=k_callback)
     return samples.float() / LATENT_SCALE

@@ -29,6 +29,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ..paths import inside
+from .accel import sdpa_backends
 from .config import CLIP_G, CLIP_L, CONTEXT_LENGTH
 from .errors import ConditioningError
 from .prompt import EMBEDDING_PREFIX, PromptTooLong, TokenChunk, empty_chunk, tokenize_prompt
@@ -261,7 +262,8 @@ def encode_tokens(encoders: TextEncoders, tokens: PromptTokens, layer: int = -2)
         want = "bigG only" if encoders.is_refiner else "CLIP-L and bigG"
         raise ConditioningError(f"tokens do not match the encoders: these encoders take {want}; "
                                 f"tokenize with refiner={encoders.is_refiner}")
-    with torch.inference_mode():
+    device = next(encoders.clip_g.parameters()).device
+    with torch.inference_mode(), sdpa_backends(device):
         z_g, pooled = _encode_stream(encoders.clip_g, tokens.g, PAD_G, layer, tokens.g_vectors)
         if tokens.l is not None:
             z_l, _ = _encode_stream(encoders.clip_l, tokens.l, PAD_L, layer, tokens.l_vectors)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .accel import sdpa_backends
 from .attention import attention
 from .config import VAEConfig
 from .errors import Cancelled
@@ -162,11 +163,13 @@ class AutoencoderKL(nn.Module):
         return self.quant_conv.weight.dtype
 
     def encode(self, pixels: torch.Tensor, should_stop=None) -> torch.Tensor:
-        moments = self.quant_conv(self.encoder(pixels.to(self.dtype), should_stop))
+        with sdpa_backends(self.quant_conv.weight.device):
+            moments = self.quant_conv(self.encoder(pixels.to(self.dtype), should_stop))
         return moments[:, : self.cfg.embed_dim].float()  # posterior mode = mean; logvar unused
 
     def decode(self, latent: torch.Tensor, should_stop=None) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latent.to(self.dtype)), should_stop).float()
+        with sdpa_backends(self.quant_conv.weight.device):
+            return self.decoder(self.post_quant_conv(latent.to(self.dtype)), should_stop).float()
 
 
 def _poll(should_stop, what: str) -> None:

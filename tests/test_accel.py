@@ -175,3 +175,43 @@ def test_checkpoint_loader_prefetches_the_unet_on_cuda(models_dir, tmp_path, dev
         CheckpointLoader().run("sd_xl_refiner_1.0.safetensors")
     want = [(str(env.checkpoint_path("sd_xl_refiner_1.0.safetensors")), "unet")] if expected else []
     assert calls == want
+
+
+def test_sdpa_guard_leaves_out_cudnn_attention_on_cuda_only():
+    """On CUDA our networks' attention may not use cuDNN's SDPA kernel (wrong results measured on an H200);
+    on the CPU nothing changes; the flags come back on exit."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with accel.sdpa_backends("cuda:0"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with accel.sdpa_backends("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_sampling_text_and_vae_run_inside_the_guard(tiny_base, monkeypatch):
+    """Every entry point that runs attention (sampler, prompt encoding, VAE) enters the guard with its device."""
+    import contextlib
+
+    from sdxl_nodes.sdxl_core import conditioning, sampling, text, vae
+    from sdxl_nodes.sdxl_core.tokenizer import load_tokenizer
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recorder(device):
+        seen.append(str(torch.device(device)))
+        yield
+
+    for module in (sampling, text, vae):
+        monkeypatch.setattr(module, "sdpa_backends", recorder)
+    enc = text.TextEncoders(tiny_base.clip_l, tiny_base.clip_g, load_tokenizer())
+    emb = text.encode_prompt(enc, "a cat")
+    assert seen == ["cpu"]
+    c = conditioning.base_conditioning(emb, width=64, height=64)
+    lat = sampling.sample(tiny_base.unet, c, c, torch.zeros(1, 4, 8, 8), seed=0, steps=1, cfg=2.0,
+                          sampler_name="euler", scheduler="normal")
+    assert seen == ["cpu", "cpu"]
+    tiny_base.vae.decode(lat)
+    tiny_base.vae.encode(torch.zeros(1, 3, 64, 64))
+    assert seen == ["cpu"] * 4
