@@ -20,6 +20,11 @@ or one some caller still holds a reference to (a node mid-run; a ClipRef's CLIP-
 seen from its reference count as ComfyUI's ``free_memory`` does. When nothing else can be freed the
 network loads anyway, and one warning says how much was needed and what is held.
 
+A network that does not fit the GPU at all (more than `vram_limit_bytes`, or than the free VRAM plus
+everything of ours on it) is not loaded anyway: its weights stay in (pinned) host RAM and each block
+moves to the GPU just before its forward and back after it (sequential offload, ComfyUI's lowvram at
+block granularity); `resident()` shows it in the cpu tier, and once it fits, `get()` moves it up whole.
+
 Semantics follow ComfyUI's ``comfy/model_management.py`` (``free_memory``, ``LoadedModel``: LRU
 order, models moved to the offload device rather than dropped, the reserve for inference memory).
 
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -183,6 +189,30 @@ def _rebind(t: torch.Tensor, where, new: torch.Tensor) -> None:
     else:
         for owner, _is_param, name in where:
             owner._buffers[name] = new
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[torch.Tensor, list]]:
+    """The module's own parameters and buffers (not its children's), as `_tensors` lists them."""
+    return [(t, [(module, is_param, name)])
+            for is_param, table in ((True, module._parameters), (False, module._buffers))
+            for name, t in table.items() if t is not None]
+
+
+def _stream_units(module: nn.Module, limit: int) -> list[tuple[nn.Module, bool]]:
+    """Blocks for sequential offload: (module, whole subtree?) pairs. A module small enough (or a leaf)
+    is one block; a larger one is split into its children, plus its own tensors around its forward.
+    ModuleList/ModuleDict are always split: they are never called, so their hooks would never run."""
+    containers = (nn.ModuleList, nn.ModuleDict)
+    children = list(module.children())
+    size = _nbytes(module)
+    if size == 0:
+        return []
+    if not children or (size <= limit and not isinstance(module, containers)):
+        return [(module, True)]
+    units = [(module, False)] if _own_tensors(module) else []
+    for child in children:
+        units += _stream_units(child, limit)
+    return units
 
 
 def _nbytes(module: nn.Module) -> int:
@@ -331,6 +361,7 @@ class _Entry:
     host: _HostStore | None = None  # the buffers holding the module's tensors in the cpu tier (offloading only)
     loading: bool = False
     users: int = 0  # `using()` blocks inside which it is in use
+    streamed: list | None = None  # hook handles while it runs block by block from host RAM (sequential offload)
 
     @property
     def label(self) -> str:
@@ -503,16 +534,26 @@ class ModelManager:
                     continue
                 self._entries.move_to_end(key)
                 if entry.tier == "cpu" and self.offload:
-                    self._promote(entry)
+                    if self._fits_gpu(entry.nbytes, keep=key):
+                        self._promote(entry)
+                    elif entry.streamed is None:
+                        self._start_streaming(entry)
                 return entry
             tier = "gpu" if self.offload else "cpu"
             nbytes, read = self._reader(path, part)
-            self._make_room(tier, nbytes, keep=key, what=f"{part} of {Path(path).name}")
-            module = read(self.device)
+            if self.offload and not self._fits_gpu(nbytes, keep=key):  # read it into RAM, run it from there
+                self._make_room("cpu", nbytes, keep=key, what=f"{part} of {Path(path).name}")
+                tier, device = "cpu", HOST
+            else:
+                self._make_room(tier, nbytes, keep=key, what=f"{part} of {Path(path).name}")
+                device = self.device
+            module = read(device)
             self.loads += 1
             entry = _Entry(key, tier, _nbytes(module), module)
             del module
             self._entries[key] = entry
+            if tier == "cpu" and self.offload:
+                self._start_streaming(entry)
             return entry
 
     def _drop_stale(self, key: tuple) -> None:
@@ -615,9 +656,71 @@ class ModelManager:
         move_to_device(module, self.device, host)
 
     def _promote(self, entry: _Entry) -> None:
+        if entry.streamed is not None:  # it fits now: whole on the GPU, without the hooks
+            for handle in entry.streamed:
+                handle.remove()
+            entry.streamed = None
         self._make_room("gpu", entry.nbytes, keep=entry.key, what=entry.label)
         self._to_device(entry.module, entry.host)
         entry.host, entry.tier = None, "gpu"
+
+    def _fits_gpu(self, nbytes: int, keep=None) -> bool:
+        """Whether the network fits the GPU at all: with every other network of ours off it (held or not)."""
+        ours = sum(e.nbytes for e in self._entries.values() if e.tier == "gpu" and e.key != keep)
+        return self._free_bytes("gpu") + ours - self.options.reserve_bytes >= nbytes
+
+    # -- sequential offload: a network larger than the GPU, run block by block from host RAM ---------
+    def _start_streaming(self, entry: _Entry) -> None:
+        """Keep the network's weights in (pinned) host RAM and move each block to the GPU just before its
+        forward and back after it (ComfyUI's lowvram, at block granularity). Blocks are the largest
+        modules that fit what is free on the GPU once idle networks made room; its first parameter stays
+        on the GPU, so callers that read the device from it (`next(m.parameters()).device`) see the GPU."""
+        if entry.host is None:
+            entry.host = pack_to_host(entry.module, pin=self._pin)
+        self._release("gpu", entry.nbytes, keep=entry.key)
+        limit = max(self._free_bytes("gpu") - self.options.reserve_bytes, 0)
+        module = entry.module
+        first = next(module.parameters(), None)
+        keep = frozenset() if first is None else frozenset({id(first)})
+        if first is not None:
+            first.data = first.data.to(self.device)
+        handles = []
+        for unit, recurse in _stream_units(module, limit):
+            pre = functools.partial(self._stream_pre, recurse=recurse, keep=keep)
+            handles.append(unit.register_forward_pre_hook(pre))
+            handles.append(unit.register_forward_hook(self._stream_post))
+        entry.streamed = handles
+        log.warning("the %s (%s) does not fit the GPU (%s free for it): running it block by block from RAM, "
+                    "%d blocks of at most %s (slower: every step copies the weights up)", entry.label,
+                    _gib(entry.nbytes), _gib(limit), len(handles) // 2, _gib(limit))
+
+    def _stream_pre(self, unit: nn.Module, _args, *, recurse: bool, keep: frozenset) -> None:
+        if getattr(unit, "_sdxl_streamed_up", None) is not None:
+            return  # re-entered: already up
+        self._block_up(unit, recurse, keep)
+
+    def _stream_post(self, unit: nn.Module, _args, _out) -> None:
+        if getattr(unit, "_sdxl_streamed_up", None) is not None:
+            self._block_down(unit)
+
+    def _block_up(self, unit: nn.Module, recurse: bool, keep: frozenset) -> None:
+        """One block's tensors → the GPU (asynchronous copies from pinned memory). A seam for tests."""
+        saved = []
+        for t, where in _tensors(unit) if recurse else _own_tensors(unit):
+            if id(t) in keep:
+                continue
+            host = t.data if isinstance(t, nn.Parameter) else t
+            new = torch.empty_like(host, device=self.device)
+            new.copy_(host, non_blocking=True)
+            _rebind(t, where, new)
+            saved.append((t, where, host))
+        unit._sdxl_streamed_up = saved
+
+    def _block_down(self, unit: nn.Module) -> None:
+        """Point the block back at its host copies; the GPU copies go (in stream order) as nothing holds them."""
+        for t, where, host in unit._sdxl_streamed_up:
+            _rebind(t, where, host)
+        unit._sdxl_streamed_up = None
 
     def _demote(self, entry: _Entry) -> bool:
         """Move a GPU network to host RAM if it fits there (older host-tier networks make way when that
