@@ -623,3 +623,59 @@ def test_comfyui_flags_to_runtime_options_table(on, vram_state, expected, notes)
         assert want["vram_limit_bytes"] == int(0.4 * 10 * 1024**3)
     assert kwargs == want
     assert len(got_notes) == notes
+
+
+def _comfy_mm(**extra):
+    """The part of comfy.model_management the manager reads, as a namespace (in-process tests)."""
+    import types
+
+    return types.SimpleNamespace(current_loaded_models=[], free_memory=lambda *a, **k: [],
+                                 minimum_inference_memory=lambda: 0, **extra)
+
+
+def test_comfyui_release_uses_a_tiered_managers_free(tiny_checkpoints):
+    """Where the model manager has free(bytes, device) (the three-tier manager), ComfyUI's requests go to
+    it with the bytes asked; 1e30 bytes (unload_all_models) unloads everything, in every tier."""
+    import torch
+
+    from sdxl_nodes.nodes.comfy_memory import UNLOAD_EVERYTHING, ComfyUIModelManager
+    from sdxl_nodes.sdxl_core.memory import RuntimeOptions
+
+    class Tiered(ComfyUIModelManager):
+        calls = []
+
+        def free(self, n, device):
+            self.calls.append((n, device))
+            oldest = self.resident()[0]
+            self.evict(oldest[0], oldest[1])
+            return 1
+
+    mm = _comfy_mm()
+    m = Tiered(RuntimeOptions(), mm)
+    base = tiny_checkpoints["base"]
+    m.get(base, "unet")
+    m.get(base, "vae")
+    assert mm.current_loaded_models == [m.entry]
+    assert m.entry.model_unload(12345) is False  # something of ours left: ComfyUI keeps the entry
+    assert Tiered.calls == [(12345, torch.device("cpu"))]
+    assert [k[1] for k in m.resident()] == ["vae"]
+    assert m.entry.model_unload(None) is True  # --disable-smart-memory: all on the device
+    assert Tiered.calls[-1] == (UNLOAD_EVERYTHING, torch.device("cpu"))
+    m.get(base, "unet")
+    m.get(base, "clip_g")
+    assert m.entry.model_unload(1e30) is True and m.resident() == []
+    assert len(Tiered.calls) == 2  # unload_all_models goes to unload_all, not to free
+
+
+def test_comfyui_without_memory_api_says_so(tiny_checkpoints, caplog):
+    """An old or stripped ComfyUI without current_loaded_models: our manager works alone, with a warning."""
+    import types
+
+    from sdxl_nodes.nodes.comfy_memory import ComfyUIModelManager
+    from sdxl_nodes.sdxl_core.memory import RuntimeOptions
+
+    with caplog.at_level("WARNING"):
+        m = ComfyUIModelManager(RuntimeOptions(), types.SimpleNamespace())
+    assert m.cooperates is False
+    assert "will not unload sdxl-nodes networks" in caplog.text
+    assert type(m.get(tiny_checkpoints["base"], "vae")).__name__ == "AutoencoderKL"
