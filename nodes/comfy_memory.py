@@ -228,12 +228,12 @@ class ComfyUIModelManager(ModelManager):
         return self.entry
 
     # -- loading -------------------------------------------------------------------------------------
-    def get(self, path: str | os.PathLike, part: str, patches: tuple = ()) -> nn.Module:
+    def get(self, path: str | os.PathLike, part: str, patches: tuple = (), *args, **kwargs) -> nn.Module:
         key = (str(Path(path).resolve()), part)
         with self._comfy_lock:
             if self.cooperates and not self._on_device(key):
                 self._ask_comfyui_for(path, part)
-            module = super().get(path, part, patches)
+            module = super().get(path, part, patches, *args, **kwargs)
             self._sizes[key] = module_bytes(module)
             if self.cooperates:
                 self._register()

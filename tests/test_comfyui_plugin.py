@@ -538,20 +538,23 @@ def test_comfyui_flags_change_builds_a_new_environment(comfy_memory):
     assert r["old_env_dropped"] == [[], 0]  # the old manager unloaded its networks and left ComfyUI's list
 
 
-@pytest.mark.parametrize("case, device, unet, clip_g, vae", [
-    ("default", "meta", "float32", "float32", "float32"),  # our device default (meta: not CUDA)
-    ("fp16_unet", "meta", "float16", "float32", "float32"),
-    ("bf16_unet", "meta", "bfloat16", "float32", "float32"),
-    ("force_fp16", "meta", "float16", "float32", "float32"),
-    ("force_fp32", "meta", "float32", "float32", "float32"),
-    ("fp16_text_enc+bf16_vae", "meta", "float32", "float16", "bfloat16"),
-    ("cpu", "cpu", "float32", "float32", "float32"),  # --cpu: ComfyUI's device is the CPU, and so is ours
-    ("cpu+fp16_unet", "cpu", "float16", "float32", "float32"),
+@pytest.mark.parametrize("case, device, like, flagged", [
+    # like: the case whose dtypes the networks no flag names must keep (our device default, whatever it is)
+    ("default", "meta", None, {}),
+    ("fp16_unet", "meta", "default", {"unet": "float16"}),
+    ("bf16_unet", "meta", "default", {"unet": "bfloat16"}),
+    ("force_fp16", "meta", "default", {"unet": "float16"}),
+    ("force_fp32", "meta", "default", {"unet": "float32", "clip_g": "float32", "vae": "float32"}),
+    ("fp16_text_enc+bf16_vae", "meta", "default", {"clip_g": "float16", "vae": "bfloat16"}),
+    ("cpu", "cpu", None, {}),  # --cpu: ComfyUI's device is the CPU, and so is ours
+    ("cpu+fp16_unet", "cpu", "cpu", {"unet": "float16"}),
 ])
-def test_comfyui_flags_reach_loaded_networks(comfy_memory, case, device, unet, clip_g, vae):
+def test_comfyui_flags_reach_loaded_networks(comfy_memory, case, device, like, flagged):
     got = comfy_memory["flags"][case]
     assert (got["device"], got["unet_on"]) == (device, device)
-    assert (got["unet"], got["clip_g"], got["vae"]) == (f"torch.{unet}", f"torch.{clip_g}", f"torch.{vae}")
+    for net in ("unet", "clip_g", "vae"):
+        want = f"torch.{flagged[net]}" if net in flagged else comfy_memory["flags"][like][net] if like else got[net]
+        assert got[net] == want, net
     assert got["warnings"] == []
 
 
