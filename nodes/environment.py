@@ -8,8 +8,9 @@ it the current one for the code it runs, in a context variable:
   (``runtime.executor``), so the environment reaches the nodes on the server's worker thread too;
 * a test or a Python caller writes ``with use(Environment.from_folders(...)):`` (or `configure`);
 * inside ComfyUI nobody sets one and `current()` answers with an adapter over ComfyUI's
-  `folder_paths` (checkpoint list, input/output/temp folders) and ComfyUI's torch device, built
-  once because ComfyUI owns those folders for the whole process.
+  `folder_paths` (checkpoint list, input/output/temp folders), built once per process and keyed by
+  ComfyUI's flags: its device, VRAM state and precision flags become our RuntimeOptions, and the
+  model manager takes part in ComfyUI's memory management (`comfy_memory.py`).
 
 Nodes ask `current()` when they run (and `INPUT_TYPES` when it lists files).
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..paths import inside
 from ..runtime.limits import DEFAULT_LIMITS, Limits  # a torch-free leaf module, like paths.py
 from ..sdxl_core.errors import UserError
 from ..sdxl_core.memory import ModelManager, RuntimeOptions
+from . import comfy_memory
 
 log = logging.getLogger(__name__)
 
@@ -207,23 +209,69 @@ def configure(**folders) -> Environment:
     return env
 
 
-@functools.lru_cache(maxsize=1)
-def _from_comfyui() -> Environment:
-    import folder_paths
+_COMFY_LOCK = threading.Lock()
+_COMFY_ENV: tuple[object, Environment] | None = None  # (ComfyUI's flags, the environment built for them)
 
-    device = "cpu"
+
+def _from_comfyui() -> Environment:
+    """The environment inside ComfyUI: built once per process for ComfyUI's flags (device, VRAM state,
+    precision flags); should they change, the old one unloads its networks and a new one is built."""
+    global _COMFY_ENV
+    mm, args = _comfy_modules()
+    flags = comfy_memory.read_flags(mm, args) if mm is not None else None
+    with _COMFY_LOCK:
+        if _COMFY_ENV is not None and _COMFY_ENV[0] == flags:
+            return _COMFY_ENV[1]
+        if _COMFY_ENV is not None:
+            old = _COMFY_ENV[1].manager
+            log.info("sdxl-nodes: ComfyUI's flags changed (%s → %s): unloading the networks loaded for the old ones",
+                     _COMFY_ENV[0], flags)
+            old.unload_all()
+            if isinstance(old, comfy_memory.ComfyUIModelManager):
+                old.deregister()
+        env = _build_comfyui(mm, flags)
+        _COMFY_ENV = (flags, env)
+        return env
+
+
+def _comfy_modules():
+    """ComfyUI's comfy.model_management and comfy.cli_args.args; (None, None) for a stripped ComfyUI."""
     try:
         import comfy.model_management as mm
+    except ImportError:
+        log.warning("sdxl-nodes: ComfyUI's comfy.model_management cannot be imported; using the CPU on our own")
+        return None, None
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        log.warning("sdxl-nodes: ComfyUI's comfy.cli_args cannot be imported; its precision flags are not read")
+        args = None
+    return mm, args
 
-        device = str(mm.get_torch_device())
-    except Exception:  # noqa: BLE001 - an old or stripped ComfyUI: stay on the CPU
-        log.warning("sdxl-nodes: could not ask ComfyUI for its device; using the CPU")
+
+def _build_comfyui(mm, flags) -> Environment:
+    import folder_paths
+
+    if mm is None:
+        manager = ModelManager(RuntimeOptions(device="cpu"))
+    else:
+        memory = comfy_memory.read_memory(mm, flags.device) if flags.vram_state == "LOW_VRAM" else None
+        kwargs, notes = comfy_memory.runtime_kwargs(flags, memory)
+        options, unsupported = comfy_memory.runtime_options(kwargs)
+        for note in notes:
+            log.warning("sdxl-nodes: %s", note)
+        for name, value in unsupported.items():
+            log.warning("sdxl-nodes: ComfyUI's %s asks for %s=%r, which this version's model manager does not "
+                        "support (RuntimeOptions has no such field): it is not honoured",
+                        flags.vram_state, name, value)
+        manager = comfy_memory.ComfyUIModelManager(options, mm, requested=kwargs)
+        log.info("sdxl-nodes inside ComfyUI: %s", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
     return Environment(
         checkpoint_dirs=[Path(p) for p in folder_paths.get_folder_paths("checkpoints")],
         input_dir=Path(folder_paths.get_input_directory()),
         output_dir=Path(folder_paths.get_output_directory()),
         temp_dir=Path(folder_paths.get_temp_directory()),
-        manager=ModelManager(RuntimeOptions(device=device)),
+        manager=manager,
         inside_comfyui=True,
     )
 
