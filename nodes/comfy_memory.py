@@ -291,7 +291,9 @@ class ComfyUIModelManager(ModelManager):
 
     # -- giving memory back ----------------------------------------------------------------------------
     def held_bytes(self) -> int:
-        return sum(self._sizes.get((str(Path(k[0]).resolve()), k[1]), 0) for k in self.resident())
+        """Bytes of our networks on ComfyUI's device (a tiered manager's host-RAM copies are not there)."""
+        on_device = [k for k in self.resident() if len(k) < 3 or k[2] != "cpu" or self.entry.device.type == "cpu"]
+        return sum(self._sizes.get((str(Path(k[0]).resolve()), k[1]), 0) for k in on_device)
 
     def release_for_comfyui(self, memory_to_free: float | None) -> bool:
         """Free `memory_to_free` bytes of our networks (None: all on the device; UNLOAD_EVERYTHING or more:
@@ -302,10 +304,10 @@ class ComfyUIModelManager(ModelManager):
                          len(self.resident()))
                 self.unload_all()
             else:
-                self._free_bytes(float("inf") if memory_to_free is None else memory_to_free)
+                self._give_back_bytes(float("inf") if memory_to_free is None else memory_to_free)
             return not self.resident()
 
-    def _free_bytes(self, n: float) -> int:
+    def _give_back_bytes(self, n: float) -> int:
         free = getattr(self, "free", None)  # a manager with tiers: ModelManager.free(bytes, device) → bytes freed
         if callable(free):
             return free(int(min(n, UNLOAD_EVERYTHING)), self.entry.device)

@@ -304,7 +304,9 @@ MEMORY_HOST = textwrap.dedent(STANDINS + r"""
     def nbytes(module):
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     def resident(manager):
-        return [item[1] for item in manager.resident()]
+        # our networks on ComfyUI's device (moved to host RAM counts as freed there, as ComfyUI's offload)
+        return [item[1] for item in manager.resident() if len(item) < 3 or item[2] == "gpu"
+                or str(manager.options.device) == "cpu"]
     def registered(manager):
         return [e is manager.entry for e in mm.current_loaded_models].count(True)
     def dtype(module):
@@ -335,6 +337,13 @@ MEMORY_HOST = textwrap.dedent(STANDINS + r"""
     result["flags_change_new_env"] = env2 is not env
     result["old_env_dropped"] = [resident(m), registered(m)]   # the old manager unloaded and left ComfyUI's list
     m = env2.manager
+    def bookkeeping_only(manager):
+        # 'meta' tensors hold no data to copy: tier moves (GPU <-> pinned RAM) and block streaming (a network
+        # bigger than the VRAM cap) only change the manager's bookkeeping on this stand-in accelerator
+        manager._to_host = lambda module: None
+        manager._to_device = lambda module, host: None
+        manager._start_streaming = lambda entry: None
+    bookkeeping_only(m)
     with safe_open(base, framework="pt") as f:                 # the UNet's tensors, from the file's header
         unet_numel = 0
         for k in f.keys():
@@ -353,6 +362,7 @@ MEMORY_HOST = textwrap.dedent(STANDINS + r"""
     result["unet_device"] = str(next(unet.parameters()).device)
     mm.capacity = 1 << 40
     sizes = {"unet": nbytes(unet)}
+    del unet  # a network a caller still holds is in use: never freed (the manager's rule)
     for part in ("clip_l", "clip_g", "vae"):
         sizes[part] = nbytes(m.get(base, part))
     m.get(base, "clip_l")                                      # least recently used first: unet, clip_g, vae, clip_l
@@ -377,6 +387,7 @@ MEMORY_HOST = textwrap.dedent(STANDINS + r"""
         warnings.clear()
         start_comfyui(accelerator=accelerator, capacity=8 * 1024**3, **flags)
         e = environment.current()
+        bookkeeping_only(e.manager)
         out = {"device": e.manager.options.device,
                "unet": dtype(e.manager.get(base, "unet")), "clip_g": dtype(e.manager.get(base, "clip_g")),
                "vae": dtype(e.manager.get(base, "vae")),
