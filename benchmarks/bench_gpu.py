@@ -162,9 +162,10 @@ def ours_pipeline(mgr, base, refiner, *, size, steps, seed, compile_backend=None
         common = {"steps": steps, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal"}
         latent = torch.zeros(1, 4, size // 8, size // 8, device=device)
         lat = sample(unet, pos, neg, latent, seed=seed, end_step=split, return_with_leftover_noise=True, **common)
+        del unet  # as the node graph does: the base UNet is not in use while the refiner loads
         runet = ModelRef(mgr, str(refiner), "unet", cfg_r, compile=compile_backend).load_for_sampling()
         lat = sample(runet, rpos, rneg, lat, seed=0, start_step=split, add_noise=False, **common)
-        del unet, runet
+        del runet
         pixels = mgr.get(refiner, "vae").decode(lat)
         return ((pixels + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu()
 

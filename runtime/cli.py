@@ -101,6 +101,7 @@ def build_environment(args):
     options = RuntimeOptions(
         device=device,
         compile=getattr(args, "compile", None),
+        prefetch_unet=bool(getattr(args, "prefetch_unet", False)),
         unet_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
         text_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
         vae_dtype=DTYPES[args.vae_dtype] if getattr(args, "vae_dtype", None) else None,
@@ -480,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the UNet (default backend: inductor). The first step of each image "
                              "size compiles (a minute or more); later runs of that size in the same process are "
                              "faster. Best with `serve` or batches")
+        sp.add_argument("--prefetch-unet", action="store_true",
+                        help="on CUDA, start reading each checkpoint's UNet in the background as soon as its "
+                             "loader runs (helps on slow disks; with the files in the page cache it was slower)")
         sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="UNet and text encoder precision (default: fp32 on CPU, fp16 on CUDA)")
         sp.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None,

@@ -90,9 +90,11 @@ class RuntimeOptions:
     # convolution weights on CUDA (cuDNN's native layout for fp16/bf16)
     compile: str | None = None
     channels_last: bool = False  # measured on an H200 (bench_gpu): NCHW 23.0 it/s, channels_last 22.3 it/s
-    # on CUDA, checkpoint loaders start reading their UNet into host RAM at once (overlapped with the
-    # text encoders and the other UNet's sampling: the refiner is ready when the base finishes)
-    prefetch_unet: bool = True
+    # on CUDA, checkpoint loaders start reading their UNet at once in a background thread (onto the GPU
+    # when it has room, else into pinned RAM). Off by default: on the H200 runs, with the files in the page
+    # cache, the cold graph took 13.1 s (into RAM) and 9.0 s (onto the GPU) with it vs 5.9 s and 7.8 s
+    # without; the read competes with the main thread's own reads. It can pay off on slow disks.
+    prefetch_unet: bool = False
 
     # Most bytes of network weights kept on the GPU (None = whatever VRAM is free): a cap such as 8 GiB makes
     # a large GPU behave like a small one (the "8 GB-VRAM mode"); the reserve above comes out of it too.
