@@ -367,19 +367,21 @@ def test_prefetch_on_a_gpu_with_room_reads_straight_onto_it(nets, sizes, monkeyp
 
 
 def test_prefetch_on_a_full_gpu_reads_into_ram_and_get_brings_it_up(nets, sizes, monkeypatch, gated_reads):
-    ref = nets["refiner"]
-    t = Tiers(monkeypatch, sizes, gpu=1, cpu=PLENTY)  # no room up there: RAM it is
+    ref, base = nets["refiner"], nets["base"]
+    U = sizes[(str(Path(ref).resolve()), "unet")]
+    t = Tiers(monkeypatch, sizes, gpu=U + 1, cpu=PLENTY)
     m = t.m
+    t.load("A", base, "vae")  # the GPU is partly taken: no room up there for the UNet, so RAM it is
     assert m.prefetch(ref, "unet") is True
     for _ in range(3000):  # the read ends in the background
-        if m.resident():
+        if len(m.resident()) == 2:
             break
         time.sleep(0.01)
-    assert m.resident() == [res(ref, "unet", "cpu")] and m.loads == 1
-    unet = m.get(ref, "unet")
+    assert m.resident() == [res(base, "vae", "gpu"), res(ref, "unet", "cpu")] and m.loads == 2
+    unet = m.get(ref, "unet")  # brought up; the VAE makes room by moving down
     t.names[unet] = "refiner"
-    assert m.resident() == [res(ref, "unet", "gpu")] and m.loads == 1
-    assert t.moves == [("up", "?")]  # named after the move: the prefetched module was new to the test
+    assert m.resident() == [res(base, "vae", "cpu"), res(ref, "unet", "gpu")] and m.loads == 2
+    assert t.moves == [("down", "A"), ("up", "?")]  # named after the move: the prefetched module was new here
 
 
 def test_a_network_evicted_while_prefetched_is_discarded(nets, gated_reads):
