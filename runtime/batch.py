@@ -536,7 +536,7 @@ def run_local(groups: list[list[Job]], classes, manifest: Manifest, progress: Ba
 def run_batch(args, loaded: LoadedWorkflow) -> int:
     """``sdxl-nodes run`` with ``--sweep``/``--jobs``/``--ray``: expand, validate all, run, record."""
     classes, names = node_pack()
-    size = getattr(args, "batch", 1) or 1
+    size = getattr(args, "batch", 1)
     if size < 1:
         raise CLIError(f"--batch {size}: give the number of jobs per batch, 1 or more (1 = one job at a time)")
     if size > 1 and not (args.sweep or args.jobs):

@@ -165,7 +165,7 @@ class CFGDenoiser:
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._negative = negative  # for post_cfg at cfg 1 (CFG++ samplers), see _uncond_at_cfg_one
         self.job_rows = job_rows  # batched run (sample_batch): rows of x per job, each job's block job-major
-        self._vector_rows: int | None = None  # rows per job block in the UNet call now running (see _per_job_vectors)
+        self._vector_rows: int | None = None  # rows per job block in the UNet call now running (see _per_job_blocks)
 
     def _context(self, entries: list[CondEntry], batch: int, device: torch.device):
         key = (tuple(id(e) for e in entries), batch, device)
@@ -222,9 +222,8 @@ class CFGDenoiser:
         """eps of a batched run (several jobs of ``job_rows`` rows each, :func:`sample_batch`) as each job's own run
         computes it: the rows are reordered job-major (job 1's n groups of rows, then job 2's, …) so that every
         UNet call holds whole job blocks in the order a lone job's call has them, a job block bigger than
-        ``max_batch`` is sliced as a lone job slices it, and the per-image vector layers (time and ADM
-        embeddings) run block by block (:func:`_per_job_vectors`), since a matrix product's rounding may depend
-        on the number of rows it is given (CPU BLAS takes another kernel for 1-2 rows than for 4)."""
+        ``max_batch`` is sliced as a lone job slices it, and the layers whose rounding may depend on the number
+        of rows (linear layers, attention) run block by block (:func:`_per_job_blocks`)."""
         rows, total = self.job_rows, x_in.shape[0] // n
         jobs = total // rows
         # (n, jobs, rows) -> (jobs, n, rows): index of each job-major row in the entry-major batch
@@ -423,28 +422,46 @@ def _stack_entries(per_job: list[list[CondEntry]], rows: int, side: str) -> list
     ]
 
 
+def _row_dependent(module) -> bool:
+    """Layers whose float rounding may change with the number of rows they get: matrix products (CPU BLAS takes
+    other kernels for 1-2 rows than for 4: the per-image time/ADM vectors, the 1×1 middle of a small latent) and
+    attention (its kernel splits work by batch and query length). Convolutions and norms treat each image alone."""
+    return isinstance(module, torch.nn.Linear) or hasattr(module, "to_q")
+
+
 @contextlib.contextmanager
-def _per_job_vectors(unet, denoiser: CFGDenoiser):
-    """While a batched UNet call runs, its linear layers on per-image vectors ([rows, features]: the time and ADM
-    embeddings) compute each job block on its own, as the job's lone call does (see ``CFGDenoiser._unet_per_job``).
-    Layers on tokens ([rows, tokens, features]) see enough rows that the kernel does not change with the batch."""
+def _per_job_blocks(unet, denoiser: CFGDenoiser):
+    """While a batched UNet call runs, its row-dependent layers (:func:`_row_dependent`) compute each job block on
+    its own, with the rows the job's lone call gives them (see ``CFGDenoiser._unet_per_job``); everything else
+    runs once over the whole batch."""
     modules = getattr(unet, "modules", None)
     if not callable(modules):
         yield
         return
+    wrapped = [m for m in modules() if _row_dependent(m)]
 
-    def by_block(module, args, output):
-        block, v = denoiser._vector_rows, args[0] if args else None
-        if block is None or not isinstance(v, torch.Tensor) or v.ndim != 2 or v.shape[0] <= block:
-            return None
-        return torch.cat([module.forward(v[a:a + block]) for a in range(0, v.shape[0], block)])
+    def blockwise(forward):
+        def run(v, *args, **kwargs):
+            block = denoiser._vector_rows
+            if block is None or v.shape[0] <= block:
+                return forward(v, *args, **kwargs)
+            n = v.shape[0]
 
-    handles = [m.register_forward_hook(by_block) for m in modules() if isinstance(m, torch.nn.Linear)]
+            def rows(t, a):  # the block's rows of a per-row tensor argument (attention's context)
+                return t[a:a + block] if isinstance(t, torch.Tensor) and t.shape[:1] == (n,) else t
+
+            return torch.cat([forward(v[a:a + block], *(rows(t, a) for t in args),
+                                      **{k: rows(t, a) for k, t in kwargs.items()})
+                              for a in range(0, n, block)])
+        return run
+
+    for m in wrapped:
+        m.forward = blockwise(m.forward)  # an instance attribute over the class's forward, removed below
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for m in wrapped:
+            del m.forward
 
 
 def _check_batch(jobs: list[SampleJob], sampler_name: str) -> None:
@@ -558,7 +575,7 @@ def sample_batch(
         denoiser = InpaintDenoiser(denoiser, torch.cat(masks), latent, noise)
     logger.debug("sampling %s/%s, %d steps, %d job(s), sigma %.4f -> %.4f", sampler_name, scheduler, total, len(jobs),
                  float(sigmas[0]), float(sigmas[-1]))
-    with _per_job_vectors(unet, cfg_denoiser) if job_rows is not None else contextlib.nullcontext():
+    with _per_job_blocks(unet, cfg_denoiser) if job_rows is not None else contextlib.nullcontext():
         samples = SAMPLERS[sampler_name](denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
     out = samples.float() / LATENT_SCALE
     return [out] if len(jobs) == 1 else [part.clone() for part in out.split(rows)]
