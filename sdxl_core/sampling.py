@@ -229,12 +229,17 @@ class CFGDenoiser:
         # (n, jobs, rows) -> (jobs, n, rows): index of each job-major row in the entry-major batch
         order = torch.arange(n * total, device=x_in.device).view(n, jobs, rows).transpose(0, 1).reshape(-1)
         block = n * rows
-        per_call = max(1, self.max_batch // block) * block if block <= self.max_batch else self.max_batch
+        if block <= self.max_batch:  # whole jobs per call
+            per_call = self.max_batch // block * block
+            spans = [(a, min(a + per_call, n * total)) for a in range(0, n * total, per_call)]
+        else:  # each job's block in the slices its lone run makes
+            spans = [(j * block + a, j * block + min(a + self.max_batch, block))
+                     for j in range(jobs) for a in range(0, block, self.max_batch)]
         parts = []
-        for a in range(0, n * total, per_call):
+        for a, b in spans:
             if a and self.should_stop is not None and self.should_stop():
                 raise Cancelled(f"sampling stopped by the caller inside a step, after {a} of {n * total} images")
-            idx = order[a:a + per_call]
+            idx = order[a:b]
             self._vector_rows = block if block <= self.max_batch else None
             try:
                 parts.append(self.unet(x_in[idx], timesteps[idx], context[idx], y[idx]).float())

@@ -517,11 +517,13 @@ def test_batch_needs_jobs_and_a_positive_size(dirs, capsys):
     assert "--batch 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sampler", ["euler_ancestral"])
-def test_sample_batch_equals_each_job_alone(sampler, tiny_base):
+@pytest.mark.parametrize("rows", [2, 5])
+def test_sample_batch_equals_each_job_alone(rows, tiny_base):
     # sdxl_core level, with what differs per job: conditioning, seed, batch_index, an inpainting mask and
-    # whether the latent is empty; 3 jobs of 2 images, so CFG calls hold 12 rows, sliced at UNET_MAX_BATCH 8
+    # whether the latent is empty. 3 jobs of 2 images: CFG calls of 12 rows, sliced at UNET_MAX_BATCH 8 into
+    # whole jobs (8 + 4); of 5 images: each job's 10 rows sliced 8 + 2 as its lone run slices them.
     # catches: one noise source for the batch, masks/latents tiled across jobs, slices splitting a job's rows
+    sampler = "euler_ancestral"
     g = torch.Generator().manual_seed(3)
     c = tiny_base.config.unet
 
@@ -529,10 +531,11 @@ def test_sample_batch_equals_each_job_alone(sampler, tiny_base):
         return Conditioning(torch.randn(1, 77, c.context_dim, generator=g), torch.randn(1, c.adm_in_channels, generator=g))
 
     negative = cond()
-    latents = [torch.randn(2, 4, 8, 8, generator=g), torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 8, 8, generator=g)]
+    latents = [torch.randn(rows, 4, 8, 8, generator=g), torch.zeros(rows, 4, 8, 8),
+               torch.randn(rows, 4, 8, 8, generator=g)]
     mask = (torch.rand(2, 64, 64, generator=g) > 0.5).float()
-    jobs = [SampleJob(cond(), negative, latents[k], seed=100 + k, batch_index=[k, k + 2], noise_mask=mask * (k + 1) / 3)
-            for k in range(3)]
+    jobs = [SampleJob(cond(), negative, latents[k], seed=100 + k, batch_index=[k + 2 * i for i in range(rows)],
+                      noise_mask=mask * (k + 1) / 3) for k in range(3)]
     settings = dict(steps=2, cfg=5.0, sampler_name=sampler, scheduler="karras", denoise=0.8)
     alone = [sample(tiny_base.unet, j.positive, j.negative, j.latent, seed=j.seed, batch_index=j.batch_index,
                     noise_mask=j.noise_mask, **settings) for j in jobs]
