@@ -165,7 +165,7 @@ class CFGDenoiser:
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._negative = negative  # for post_cfg at cfg 1 (CFG++ samplers), see _uncond_at_cfg_one
         self.job_rows = job_rows  # batched run (sample_batch): rows of x per job, each job's block job-major
-        self._vector_rows: int | None = None  # rows per job block in the UNet call now running (see _per_job_blocks)
+        self._block_rows: int | None = None  # rows per job block in the UNet call now running (see _per_job_blocks)
 
     def _context(self, entries: list[CondEntry], batch: int, device: torch.device):
         key = (tuple(id(e) for e in entries), batch, device)
@@ -240,11 +240,11 @@ class CFGDenoiser:
             if a and self.should_stop is not None and self.should_stop():
                 raise Cancelled(f"sampling stopped by the caller inside a step, after {a} of {n * total} images")
             idx = order[a:b]
-            self._vector_rows = block if block <= self.max_batch else None
+            self._block_rows = block if block <= self.max_batch else None
             try:
                 parts.append(self.unet(x_in[idx], timesteps[idx], context[idx], y[idx]).float())
             finally:
-                self._vector_rows = None
+                self._block_rows = None
         eps = torch.empty_like(torch.cat(parts))
         eps[order] = torch.cat(parts)
         return eps  # (n*total, 4, h, w), entry-major again
@@ -430,7 +430,8 @@ def _stack_entries(per_job: list[list[CondEntry]], rows: int, side: str) -> list
 def _row_dependent(module) -> bool:
     """Layers whose float rounding may change with the number of rows they get: matrix products (CPU BLAS takes
     other kernels for 1-2 rows than for 4: the per-image time/ADM vectors, the 1×1 middle of a small latent) and
-    attention (its kernel splits work by batch and query length). Convolutions and norms treat each image alone."""
+    attention (its kernel splits work by batch and query length). Convolutions and norms gave each image the same
+    bits in any batch in our CPU tests (tiny base and refiner; full-size in benchmarks/bench_batch.py)."""
     return isinstance(module, torch.nn.Linear) or hasattr(module, "to_q")
 
 
@@ -447,7 +448,7 @@ def _per_job_blocks(unet, denoiser: CFGDenoiser):
 
     def blockwise(forward):
         def run(v, *args, **kwargs):
-            block = denoiser._vector_rows
+            block = denoiser._block_rows
             if block is None or v.shape[0] <= block:
                 return forward(v, *args, **kwargs)
             n = v.shape[0]
