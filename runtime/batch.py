@@ -287,9 +287,20 @@ def batch_key(prompt: dict, info: dict) -> str:
     return json.dumps(blanked, sort_keys=True, default=repr)
 
 
+def prefixes_clash(prompt: dict) -> bool:
+    """Whether two nodes save under the same ``filename_prefix``: their files are numbered in the order the nodes
+    run, and a batch runs each node for all its jobs before the next node, so the numbers would change."""
+    prefixes = [v for node in prompt.values() if isinstance(v := (node.get("inputs") or {}).get("filename_prefix"), str)]
+    return len(prefixes) != len(set(prefixes))
+
+
 def group_jobs(jobs: list[Job], size: int, info: dict) -> list[list[Job]]:
     """Consecutive jobs with the same :func:`batch_key`, at most ``size`` a group (job order is kept, so the
-    files get the numbers of an unbatched run)."""
+    files get the numbers of an unbatched run); none when two save nodes share a prefix."""
+    if size > 1 and jobs and prefixes_clash(jobs[0].prompt):
+        log.warning("--batch: two save nodes share a filename_prefix, so the jobs run one at a time (batched, "
+                    "their files would be numbered in another order); give each save node its own prefix")
+        size = 1
     groups: list[list[Job]] = []
     last = None
     for job in jobs:

@@ -510,6 +510,33 @@ def test_a_job_failing_inside_a_batch_is_recorded_for_that_job(dirs, tmp_path, c
     assert [r["files"] for r in lines] == [["sdxl_base_00001_.png"], [], ["sdxl_base_00002_.png"]]
 
 
+def test_grouping_keeps_job_order_and_only_seeds_and_texts_vary():
+    from sdxl_nodes.runtime.batch import Job, group_jobs
+
+    info = {"Enc": {"input": {"required": {"text": ["STRING", {}]}}},
+            "Sampler": {"input": {"required": {"seed": ["INT", {}], "cfg": ["FLOAT", {}]}}}}
+
+    def job(n, text="a", seed=1, cfg=7.0, save2=None):
+        prompt = {"1": {"class_type": "Enc", "inputs": {"text": text}},
+                  "2": {"class_type": "Sampler", "inputs": {"seed": seed, "cfg": cfg, "text": ["1", 0]}},
+                  "3": {"class_type": "Save", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}}
+        if save2:
+            prompt["4"] = {"class_type": "Save", "inputs": {"images": ["2", 0], "filename_prefix": save2}}
+        return Job(n, [], [], prompt=prompt)
+
+    def numbers(groups):
+        return [[j.number for j in g] for g in groups]
+
+    jobs = [job(1), job(2, text="b", seed=2), job(3, cfg=5.0), job(4, seed=9), job(5, text="c"), job(6, seed=3)]
+    # cfg differs for job 3: it runs alone and ends the group before it; groups never reorder jobs
+    assert numbers(group_jobs(jobs, 2, info)) == [[1, 2], [3], [4, 5], [6]]
+    assert numbers(group_jobs(jobs, 8, info)) == [[1, 2], [3], [4, 5, 6]]
+    assert numbers(group_jobs(jobs, 1, info)) == [[1], [2], [3], [4], [5], [6]]
+    # two save nodes with one prefix would number their files in another order when batched
+    assert numbers(group_jobs([job(1, save2="x"), job(2, save2="x")], 4, info)) == [[1], [2]]
+    assert numbers(group_jobs([job(1, save2="y"), job(2, seed=5, save2="y")], 4, info)) == [[1, 2]]
+
+
 def test_batch_needs_jobs_and_a_positive_size(dirs, capsys):
     assert cli.main(["run", BASE_WF, *SMALL, "--batch", "4", *folder_args(dirs)]) == 2
     assert "--batch N groups the jobs of --sweep or --jobs" in capsys.readouterr().err
