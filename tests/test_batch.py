@@ -510,6 +510,32 @@ def test_a_job_failing_inside_a_batch_is_recorded_for_that_job(dirs, tmp_path, c
     assert [r["files"] for r in lines] == [["sdxl_base_00001_.png"], [], ["sdxl_base_00002_.png"]]
 
 
+def test_ctrl_c_inside_a_batch_marks_its_jobs_interrupted_and_resume_runs_them(dirs, monkeypatch, capsys):
+    from sdxl_nodes.nodes.progress import StepReporter
+
+    steps = Counter()
+    report = StepReporter.__call__
+
+    def ctrl_c_in_second_batch(self, step, total, x, x0):
+        steps["n"] += 1
+        if steps["n"] == 3:  # step 1 of the second batch (2 steps a batch): Ctrl-C, as a terminal sends it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the main thread turns it into an interrupt request before the next step
+        return report(self, step, total, x, x0)
+
+    monkeypatch.setattr(StepReporter, "__call__", ctrl_c_in_second_batch)
+    run = ["run", BASE_WF, *SMALL, "--sweep", "7.seed=1..6", "--batch", "2", "--quiet", *folder_args(dirs)]
+    assert cli.main(run) == 130
+    assert "run again with --resume" in capsys.readouterr().err
+    assert [(r["job"], r["status"]) for r in manifest_lines(dirs["output"])] == [
+        (1, "done"), (2, "done"), (3, "interrupted"), (4, "interrupted")]
+    monkeypatch.setattr(StepReporter, "__call__", report)
+    assert cli.main([*run, "--resume"]) == 0
+    lines = manifest_lines(dirs["output"])
+    assert sorted(r["job"] for r in lines if r["status"] == "done") == [1, 2, 3, 4, 5, 6]
+    assert [r["files"] for r in lines if r["status"] == "done"] == [[f"sdxl_base_0000{i}_.png"] for i in range(1, 7)]
+
+
 def test_grouping_keeps_job_order_and_only_seeds_and_texts_vary():
     from sdxl_nodes.runtime.batch import Job, group_jobs
 
