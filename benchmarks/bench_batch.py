@@ -1,9 +1,11 @@
-"""Batch benchmark: N images as N separate `sdxl-nodes run` processes vs one `--sweep` vs one sweep on Ray.
+"""Batch benchmark: N images as N separate `sdxl-nodes run` processes vs one `--sweep` vs one sweep with
+`--batch B` (B jobs per UNet batch) vs one sweep on Ray.
 
 Each variant runs the shipped workflows/sdxl_base.json at --size² with --steps steps and seeds 1..N, as
 the user would (the `sdxl-nodes` command in a subprocess), and is timed from start to exit, model
 loading included. Prints images/min and the ratio to the separate-processes reference, measured in the
-same run. With --full, full-size random checkpoints (about 7 GB of fp16 on disk; run under
+same run. The `--batch` row also says whether its PNGs have the sweep's pixels (they should, bit for bit on
+the CPU). With --full, full-size random checkpoints (about 7 GB of fp16 on disk; run under
 `flock /tmp/sdxl-heavy.lock`); otherwise tiny ones.
 
     python benchmarks/bench_batch.py --dir /tmp/sdxl-bench-batch --jobs 8 --size 64 --steps 2
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4, help="jobs per batch in the --batch variant (default 4)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray variant")
     args = ap.parse_args()
 
@@ -81,6 +84,9 @@ def main() -> None:
     results.append((f"{args.jobs} separate `run` processes", seconds))
     sweep = ["--sweep", f"7.seed=1..{args.jobs}", "--quiet"]
     results.append(("one --sweep process", run(exe + common + sweep + out("sweep"))))
+    results.append((f"one --sweep process, --batch {args.batch}",
+                    run(exe + common + sweep + ["--batch", str(args.batch)] + out("batch"))))
+    same = same_pixels(args.dir / "out-sweep", args.dir / "out-batch")
     if not args.no_ray:
         results.append(("one --sweep on Ray, local, 2 workers",
                         run(exe + common + sweep + ["--ray", "local", "--ray-workers", "2"] + out("ray"))))
@@ -91,6 +97,24 @@ def main() -> None:
     ref, sweep_s = results[0][1], results[1][1]
     for name, s in results:
         print(f"| {name} | {s:.1f} | {args.jobs / s * 60:.1f} | {ref / s:.2f}× | {sweep_s / s:.2f}× |")
+    print(f"\n--batch {args.batch} PNG pixels equal to the unbatched sweep's: {same}")
+
+
+def same_pixels(a: Path, b: Path) -> str:
+    """"yes (N images)" or how they differ: the --batch run's images against the sweep's, file by file."""
+    import numpy as np
+    from PIL import Image
+
+    names = sorted(p.name for p in a.glob("*.png"))
+    if names != sorted(p.name for p in b.glob("*.png")):
+        return "no: different file names"
+    worst, differing = 0, 0
+    for name in names:
+        with Image.open(a / name) as x, Image.open(b / name) as y:
+            d = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
+        worst, differing = max(worst, int(d.max())), differing + int(d.any())
+    return f"yes ({len(names)} images)" if not differing else \
+        f"no: {differing} of {len(names)} images differ, by up to {worst} levels"
 
 
 if __name__ == "__main__":

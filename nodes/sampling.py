@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
+import logging
+
 import torch
 
-from ..sdxl_core.sampling import SAMPLERS, sample
+from ..sdxl_core.sampling import SAMPLERS, NotBatchable, SampleJob, sample, sample_batch
 from ..sdxl_core.schedules import SCHEDULERS
 from .environment import NodeInputError
 from .progress import StepReporter
 from .schema import MAX_RESOLUTION, MAX_SEED, Combo, Float, Int, NodeSchema, Output, Socket, node
+
+log = logging.getLogger(__name__)
 
 # Extra key in LATENT: how a base run stopped early, so the refiner continues on the same schedule.
 CONTINUE_KEY = "sdxl_continue"
@@ -78,7 +83,16 @@ def _check_model_and_conds(model, positive, negative, node_name: str):
 
 
 def run_sampler(model, positive, negative, latent, progress, **kwargs):
-    """Sample a LATENT dict with a model handle: honours its batch_index and noise_mask (both node sets)."""
+    """Sample a LATENT dict with a model handle: honours its batch_index and noise_mask (both node sets).
+
+    While :func:`run_batched` collects a batch, the request is recorded and a :class:`PendingSamples` stands in
+    for the result."""
+    collecting = _COLLECTING.get()
+    if collecting is not None:
+        StepReporter(progress).check()
+        request = PendingSamples(model, positive, negative, latent, progress, kwargs)
+        collecting.append(request)
+        return request
     unet = model.load_for_sampling()
     device = next(unet.parameters()).device
     samples = latent["samples"]
@@ -89,6 +103,82 @@ def run_sampler(model, positive, negative, latent, progress, **kwargs):
         noise_mask=latent.get("noise_mask"), refiner=model.kind == "refiner", callback=steps, **kwargs
     )
     return out.cpu()
+
+
+# ------------------------------------------------------------------------------------------------
+# Several jobs' sampler calls as one batch (the executor's BATCH_FUNCTION; `sdxl-nodes run --batch N`)
+
+_COLLECTING: contextvars.ContextVar[list | None] = contextvars.ContextVar("sdxl_collecting_samples", default=None)
+
+
+class PendingSamples:
+    """A sampling request recorded while :func:`run_batched` runs each job's node function; the node puts it where
+    the sampled tensor goes (``out["samples"]``) and it is replaced by the tensor once the batch has run."""
+
+    def __init__(self, model, positive, negative, latent, progress, kwargs: dict):
+        self.model, self.progress = model, progress
+        self.seed = kwargs.pop("seed")
+        self.kwargs = kwargs
+        self.job = SampleJob(positive, negative, latent["samples"], self.seed,
+                             batch_index=latent.get("batch_index"), noise_mask=latent.get("noise_mask"))
+        self.result: torch.Tensor | None = None
+
+    def key(self) -> tuple:
+        return (id(self.model), tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())))
+
+
+def _sample_requests(requests: list[PendingSamples]) -> None:
+    """Sample requests that share a model and every setting but conditioning, latent and seed in one batch."""
+    first = requests[0]
+    unet = first.model.load_for_sampling()
+    device = next(unet.parameters()).device
+    steps = StepReporter(first.progress)
+    steps.check()
+    jobs = [SampleJob(r.job.positive, r.job.negative, r.job.latent.to(device), r.seed, batch_index=r.job.batch_index,
+                      noise_mask=r.job.noise_mask) for r in requests]
+    kwargs = dict(first.kwargs, refiner=first.model.kind == "refiner", callback=steps)
+    try:
+        outs = sample_batch(unet, jobs, **kwargs)
+    except NotBatchable as e:
+        log.warning("these %d jobs are sampled one by one, not as one batch: %s", len(jobs), e)
+        outs = [sample_batch(unet, [job], **kwargs)[0] for job in jobs]
+    for request, out in zip(requests, outs):
+        request.result = out.cpu()
+
+
+def _resolve(value):
+    if isinstance(value, PendingSamples):
+        return value.result
+    if isinstance(value, dict):
+        return {k: _resolve(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_resolve(v) for v in value)
+    return value
+
+
+def run_batched(node, calls: list[dict]) -> list:
+    """The executor's batch entry point of a sampler node (``BATCH_FUNCTION``): ``calls`` are the keyword
+    arguments of several jobs' calls of ``node.FUNCTION``; returns what each call returns alone.
+
+    Each job's node function runs as usual (checks, output dict), but its ``run_sampler`` only records the
+    request; requests sharing the model and every setting but conditioning, latent and seed are then sampled
+    together by :func:`~..sdxl_core.sampling.sample_batch` (each job's own noise and generators), and their
+    results replace the stand-ins in the returned outputs."""
+    function = getattr(node, node.FUNCTION)
+    requests: list[PendingSamples] = []
+    returned = []
+    token = _COLLECTING.set(requests)
+    try:
+        for kwargs in calls:
+            returned.append(function(**kwargs))
+    finally:
+        _COLLECTING.reset(token)
+    groups: dict[tuple, list[PendingSamples]] = {}
+    for request in requests:
+        groups.setdefault(request.key(), []).append(request)
+    for group in groups.values():
+        _sample_requests(group)
+    return [_resolve(r) for r in returned]
 
 
 def continue_info(steps: int, start_step: int, scheduler: str) -> dict:
@@ -134,6 +224,11 @@ def check_continue_info(info, where: str) -> dict:
     hidden=HIDDEN,
 ))
 class BaseSampler:
+    BATCH_FUNCTION = "run_batch"  # several jobs in one UNet batch (runtime executor, `run --batch N`)
+
+    def run_batch(self, calls):
+        return run_batched(self, calls)
+
     def run(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise_end,
             progress=None, unique_id=None):
         if model.kind != "base":
@@ -189,6 +284,11 @@ class BaseSampler:
     hidden=HIDDEN,
 ))
 class NoiseAndRefine:
+    BATCH_FUNCTION = "run_batch"  # several jobs in one UNet batch (runtime executor, `run --batch N`)
+
+    def run_batch(self, calls):
+        return run_batched(self, calls)
+
     def run(self, model, positive, negative, latent, seed, cfg, sampler_name, mode, steps, scheduler, strength,
             continue_from_step=0, progress=None, unique_id=None):
         _check_model_and_conds(model, positive, negative, "SDXL Noise & Refine")

@@ -11,6 +11,12 @@ before the first one runs. Jobs then run one after another through one :class:`.
 so its cache keeps the loaded models and whatever did not change between two jobs (a new seed re-runs
 the sampler and what follows it; the loaders and text encoders never re-run for it).
 
+``--batch N`` runs up to N consecutive jobs that differ only in seeds and texts (the graph and every other
+literal equal) as one execution (:meth:`.executor.Executor.execute_batch`): text encoders run per distinct
+prompt, the sampler puts the jobs in one UNet batch (each with its own noise), and each job saves its own
+files under the names an unbatched run gives them. The pixels equal the unbatched run's (on the CPU bit for
+bit; see ``sdxl_core.sampling.sample_batch``).
+
 ``<output-dir>/manifest.jsonl`` gets one JSON line per finished job (``job``, ``key``, ``overrides``,
 ``seed``, ``files``, ``seconds``, ``status`` = done | failed | interrupted, ``error``), flushed and
 fsynced before the next job starts. ``key`` identifies a job by its overrides: ``--resume`` skips a job
@@ -49,7 +55,7 @@ from .cli import (
     node_pack,
     object_info_for,
 )
-from .validate import validate_prompt
+from .validate import is_link, validate_prompt
 from .workflow import LoadedWorkflow
 
 log = logging.getLogger(__name__)
@@ -267,6 +273,46 @@ def job_seeds(prompt: dict) -> dict[str, Any]:
     return seeds
 
 
+def batch_key(prompt: dict, info: dict) -> str:
+    """What jobs must share to run as one batch (``--batch``): the graph and every literal input except seeds
+    and text (STRING) inputs."""
+    blanked = {}
+    for node_id, node in prompt.items():
+        spec = (info.get(node.get("class_type")) or {}).get("input") or {}
+        types = {name: (opts[0] if isinstance(opts, (list, tuple)) and opts else opts)
+                 for category in ("required", "optional") for name, opts in (spec.get(category) or {}).items()}
+        inputs = {name: "<varies>" if not is_link(value) and (name in SEED_INPUTS or types.get(name) == "STRING")
+                  else value for name, value in (node.get("inputs") or {}).items()}
+        blanked[node_id] = [node.get("class_type"), inputs]
+    return json.dumps(blanked, sort_keys=True, default=repr)
+
+
+def prefixes_clash(prompt: dict) -> bool:
+    """Whether two nodes save under the same ``filename_prefix``: their files are numbered in the order the nodes
+    run, and a batch runs each node for all its jobs before the next node, so the numbers would change."""
+    prefixes = [v for node in prompt.values() if isinstance(v := (node.get("inputs") or {}).get("filename_prefix"), str)]
+    return len(prefixes) != len(set(prefixes))
+
+
+def group_jobs(jobs: list[Job], size: int, info: dict) -> list[list[Job]]:
+    """Consecutive jobs with the same :func:`batch_key`, at most ``size`` a group (job order is kept, so the
+    files get the numbers of an unbatched run); none when two save nodes share a prefix."""
+    if size > 1 and jobs and prefixes_clash(jobs[0].prompt):
+        log.warning("--batch: two save nodes share a filename_prefix, so the jobs run one at a time (batched, "
+                    "their files would be numbered in another order); give each save node its own prefix")
+        size = 1
+    groups: list[list[Job]] = []
+    last = None
+    for job in jobs:
+        key = batch_key(job.prompt, info) if size > 1 else None
+        if groups and key == last and len(groups[-1]) < size:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+        last = key
+    return groups
+
+
 # ------------------------------------------------------------------------------------------------
 # The manifest
 
@@ -317,9 +363,11 @@ class Manifest:
 
 
 def make_record(job: Job, status: str, files: list[str], seconds: float, error: str | None,
-                worker: str | None = None) -> dict:
+                worker: str | None = None, batch: int = 1) -> dict:
     record = {"job": job.number, "key": job.key, "overrides": job.override_values(), "seed": job_seeds(job.prompt),
               "files": files, "seconds": round(seconds, 3), "status": status, "error": error}
+    if batch > 1:
+        record["batch"] = batch  # run in one execution with batch - 1 other jobs; seconds is its share
     if worker is not None:
         record["worker"] = worker  # Ray runs: which worker process made it (host:pid)
     return record
@@ -360,6 +408,23 @@ class JobRunner:
         seconds = time.perf_counter() - t0
         status = {"success": "done", "error": "failed"}.get(result.status, "interrupted")
         return status, output_files(result), seconds, None if status == "done" else error_text(result)
+
+    def run_group(self, jobs: list[Job]) -> list[tuple[str, list[str], float, str | None]]:
+        """:meth:`run` for each job of a ``--batch`` group, as one execution; ``seconds`` is the group's time
+        shared out. A node failing in the batch re-runs the group's jobs one by one, so that the failure is
+        recorded for the job that caused it (what the others computed is cached)."""
+        if len(jobs) == 1:
+            return [self.run(jobs[0])]
+        t0 = time.perf_counter()
+        results = self.executor.execute_batch([j.prompt for j in jobs], str(uuid.uuid4()),
+                                              extra_datas=[j.extra_data for j in jobs])
+        seconds = (time.perf_counter() - t0) / len(jobs)
+        status = {"success": "done", "error": "failed"}.get(results[0].status, "interrupted")
+        if status == "failed":
+            log.warning("a batch of %d jobs failed (%s); running them one by one to find which",
+                        len(jobs), error_text(results[0]))
+            return [self.run(job) for job in jobs]
+        return [(status, output_files(r), seconds, None if status == "done" else error_text(r)) for r in results]
 
     def interrupt(self) -> None:
         self.executor.interrupt()
@@ -429,8 +494,9 @@ def finish(total: int, failed: int, interrupted: bool, manifest: Manifest, done:
     return EXIT_OK
 
 
-def run_local(jobs: list[Job], classes, manifest: Manifest, progress: BatchProgress) -> tuple[int, bool, int]:
-    """Run the jobs in a worker thread (Ctrl-C lands in this one); returns ``(failed, interrupted, done)``."""
+def run_local(groups: list[list[Job]], classes, manifest: Manifest, progress: BatchProgress) -> tuple[int, bool, int]:
+    """Run the job groups (one job each unless ``--batch``) in a worker thread (Ctrl-C lands in this one);
+    returns ``(failed, interrupted, done)``."""
     runner = JobRunner(classes, on_event=progress)
     stop = threading.Event()
     state = {"failed": 0, "done": 0}
@@ -441,21 +507,22 @@ def run_local(jobs: list[Job], classes, manifest: Manifest, progress: BatchProgr
         if hasattr(signal, "pthread_sigmask"):  # Ctrl-C goes to the main thread only, never into torch's threads
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            for job in jobs:
+            for group in groups:
                 if stop.is_set():
                     return
-                status, files, seconds, error = runner.run(job)
-                if status == "interrupted" and not stop.is_set():
-                    status = "failed"  # a node raised Interrupted on its own
-                manifest.append(make_record(job, status, files, seconds, error))
-                if status == "interrupted":
+                for job, (status, files, seconds, error) in zip(group, runner.run_group(group)):
+                    if status == "interrupted" and not stop.is_set():
+                        status = "failed"  # a node raised Interrupted on its own
+                    manifest.append(make_record(job, status, files, seconds, error, batch=len(group)))
+                    if status == "failed":
+                        state["failed"] += 1
+                        progress.write(f"{job.where()} failed: {error}")
+                    elif status == "done":
+                        state["done"] += 1
+                    if status != "interrupted":
+                        progress.job_finished(len(files))
+                if stop.is_set():
                     return
-                if status == "failed":
-                    state["failed"] += 1
-                    progress.write(f"{job.where()} failed: {error}")
-                else:
-                    state["done"] += 1
-                progress.job_finished(len(files))
         finally:
             finished.set()
 
@@ -480,8 +547,14 @@ def run_local(jobs: list[Job], classes, manifest: Manifest, progress: BatchProgr
 def run_batch(args, loaded: LoadedWorkflow) -> int:
     """``sdxl-nodes run`` with ``--sweep``/``--jobs``/``--ray``: expand, validate all, run, record."""
     classes, names = node_pack()
+    size = getattr(args, "batch", 1)
+    if size < 1:
+        raise CLIError(f"--batch {size}: give the number of jobs per batch, 1 or more (1 = one job at a time)")
+    if size > 1 and not (args.sweep or args.jobs):
+        raise CLIError("--batch N groups the jobs of --sweep or --jobs; give one of them (a single run is one job)")
     jobs = expand_jobs(args.sweep or [], zip_sweeps=args.zip, jobs_file=args.jobs)
-    errors = prepare_jobs(loaded, jobs, classes, object_info_for(classes, names))
+    info = object_info_for(classes, names)
+    errors = prepare_jobs(loaded, jobs, classes, info)
     if errors:
         for text in errors[:MAX_ERRORS_SHOWN]:
             print(f"error: {text}", file=sys.stderr)
@@ -495,14 +568,17 @@ def run_batch(args, loaded: LoadedWorkflow) -> int:
     if skip:
         print(f"--resume: {len(jobs) - len(todo)} of {len(jobs)} jobs already done; running {len(todo)}")
     titles = {nid: (n.get("_meta") or {}).get("title") or n.get("class_type", nid) for nid, n in loaded.prompt.items()}
+    groups = group_jobs(todo, size, info)
+    if size > 1:
+        print(f"--batch {size}: {len(todo)} jobs in {len(groups)} executions")
     progress = BatchProgress(len(jobs), len(jobs) - len(todo), titles, args.quiet)
     try:
         if args.ray:
             from .batch_ray import run_ray
 
-            failed, interrupted, done = run_ray(todo, args, manifest, progress)
+            failed, interrupted, done = run_ray(groups, args, manifest, progress)
         else:
-            failed, interrupted, done = run_local(todo, classes, manifest, progress)
+            failed, interrupted, done = run_local(groups, classes, manifest, progress)
     finally:
         progress.close()
     return finish(len(jobs), failed, interrupted, manifest, len(jobs) - len(todo) + done)

@@ -61,14 +61,20 @@ class Worker:
         self.runner = JobRunner(classes)
 
     def run(self, job: Job) -> dict:
-        status, files, seconds, error = self.runner.run(job)
-        out = []
-        for rel in files:
-            path = self.root / "output" / rel
-            out.append({"path": rel, "data": path.read_bytes()})
-            path.unlink()  # the driver keeps the file; the worker keeps nothing
-        return {"status": status, "files": out, "seconds": seconds, "error": error,
-                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        return self.run_group([job])[0]
+
+    def run_group(self, jobs: list[Job]) -> list[dict]:
+        """One result per job of a ``--batch`` group (a group of one without ``--batch``)."""
+        results = []
+        for status, files, seconds, error in self.runner.run_group(jobs):
+            out = []
+            for rel in files:
+                path = self.root / "output" / rel
+                out.append({"path": rel, "data": path.read_bytes()})
+                path.unlink()  # the driver keeps the file; the worker keeps nothing
+            results.append({"status": status, "files": out, "seconds": seconds, "error": error,
+                            "worker": f"{socket.gethostname()}:{os.getpid()}"})
+        return results
 
 
 def place_file(output_dir: Path, rel: str, data: bytes) -> str:
@@ -138,12 +144,14 @@ def actor_options(ray, count: int | None) -> tuple[int, dict]:
     return n, {"num_cpus": max(1, min(node_cpus) // per_node)}
 
 
-def run_ray(jobs: list[Job], args, manifest: Manifest, progress: BatchProgress) -> tuple[int, bool, int]:
-    """Run the jobs on Ray; the driver writes files and manifest. Returns ``(failed, interrupted, done)``."""
+def run_ray(groups: list[list[Job]], args, manifest: Manifest, progress: BatchProgress) -> tuple[int, bool, int]:
+    """Run the job groups (one job each unless ``--batch``: then a group is one task, run by one worker as one
+    batch, and retried as a whole) on Ray; the driver writes files and manifest. Returns
+    ``(failed, interrupted, done)``."""
     ray = import_ray()
     from ray.exceptions import RayActorError, RayError
 
-    if not jobs:
+    if not groups:
         return 0, False, 0
     connect(ray, args.ray)
     n, options = actor_options(ray, args.ray_workers)
@@ -151,44 +159,47 @@ def run_ray(jobs: list[Job], args, manifest: Manifest, progress: BatchProgress) 
     if options.get("num_gpus"):
         settings["device"] = "cuda"  # Ray gives each worker one GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 there
     remote = ray.remote(max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)(Worker)
-    n = min(n, len(jobs))
+    n = min(n, len(groups))
     run_id = uuid.uuid4().hex[:8]
     actors = [remote.options(name=WORKER_NAME.format(run_id, i), namespace=NAMESPACE, **options).remote(settings)
               for i in range(n)]
     output_dir = Path(args.output_dir)
-    pending = list(reversed(jobs))
-    inflight: dict = {}  # ObjectRef -> (job, actor)
+    pending = list(reversed(groups))
+    inflight: dict = {}  # ObjectRef -> (group, actor)
     idle = list(actors)
     failed = done = 0
     try:
         while pending or inflight:
             while idle and pending:
-                actor, job = idle.pop(), pending.pop()
-                inflight[actor.run.remote(job)] = (job, actor)
+                actor, group = idle.pop(), pending.pop()
+                inflight[actor.run_group.remote(group)] = (group, actor)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)  # short: Ctrl-C stays prompt
             for ref in ready:
-                job, actor = inflight.pop(ref)
+                group, actor = inflight.pop(ref)
                 idle.append(actor)
                 try:
-                    res = ray.get(ref)
+                    results = ray.get(ref)
                 except RayActorError as e:
-                    res = {"status": "failed", "files": [], "seconds": 0.0,
-                           "error": f"the worker died running this job ({MAX_TASK_RETRIES} retries used): {e}"}
+                    results = [{"status": "failed", "files": [], "seconds": 0.0,
+                                "error": f"the worker died running this job ({MAX_TASK_RETRIES} retries used): {e}"}
+                               ] * len(group)
                 except RayError as e:
-                    res = {"status": "failed", "files": [], "seconds": 0.0, "error": f"Ray error: {e}"}
-                files = [place_file(output_dir, f["path"], f["data"]) for f in res["files"]]
-                manifest.append(make_record(job, res["status"], files, res["seconds"], res["error"],
-                                            res.get("worker")))
-                if res["status"] == "done":
-                    done += 1
-                else:
-                    failed += 1
-                    progress.write(f"{job.where()} failed: {res['error']}")
-                progress.job_finished(len(files))
+                    results = [{"status": "failed", "files": [], "seconds": 0.0, "error": f"Ray error: {e}"}] * len(group)
+                for job, res in zip(group, results):
+                    files = [place_file(output_dir, f["path"], f["data"]) for f in res["files"]]
+                    manifest.append(make_record(job, res["status"], files, res["seconds"], res["error"],
+                                                res.get("worker"), batch=len(group)))
+                    if res["status"] == "done":
+                        done += 1
+                    else:
+                        failed += 1
+                        progress.write(f"{job.where()} failed: {res['error']}")
+                    progress.job_finished(len(files))
     except KeyboardInterrupt:
         progress.write("interrupting: stopping the Ray workers…")
-        for job, _actor in inflight.values():
-            manifest.append(make_record(job, "interrupted", [], 0.0, "interrupted (Ctrl-C)"))
+        for group, _actor in inflight.values():
+            for job in group:
+                manifest.append(make_record(job, "interrupted", [], 0.0, "interrupted (Ctrl-C)", batch=len(group)))
         return failed, True, done
     finally:
         for actor in actors:

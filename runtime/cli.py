@@ -335,7 +335,7 @@ def apply_overrides_to_ui(workflow: dict, overrides: list[str], info: dict) -> N
 
 def cmd_run(args) -> int:
     env = build_environment(args)
-    if args.sweep or args.jobs or args.ray or args.resume or args.zip:  # many jobs: runtime/batch.py
+    if args.sweep or args.jobs or args.ray or args.resume or args.zip or args.batch != 1:  # many jobs: runtime/batch.py
         from .batch import run_batch
 
         return run_batch(args, load(args))  # the environment is current (configure)
@@ -449,6 +449,9 @@ def add_batch_arguments(sp) -> None:
                    help='one job per line: a JSON object of overrides, e.g. {"7.seed": 3, "2.text_g": "a cat"}')
     g.add_argument("--resume", action="store_true",
                    help="skip jobs that <output-dir>/manifest.jsonl records as done (and whose files exist)")
+    g.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="run up to N consecutive jobs that differ only in seeds and prompt texts as one batch "
+                        "(one UNet call for all; each job's pixels as unbatched). Default 1: one job at a time")
     g.add_argument("--quiet", action="store_true", help="only the overall progress bar, no per-sampler bars")
     g.add_argument("--ray", metavar="ADDRESS",
                    help="run the jobs on a Ray cluster: 'auto' (the cluster of `ray start`), ray://host:10001, "

@@ -202,6 +202,32 @@ class Executor:
             targets = None if outputs is None else [str(o) for o in outputs]
             return self._context.copy().run(run.execute, targets)
 
+    def execute_batch(
+        self,
+        prompts: list[Mapping[str, dict]],
+        prompt_id: str,
+        *,
+        extra_datas: list[Mapping[str, Any] | None] | None = None,
+    ) -> list[ExecutionResult]:
+        """Run several prompts of the same graph (only literal inputs differ: seeds, prompt texts) as one
+        execution, one :class:`ExecutionResult` each, as if each ran alone through :meth:`execute`.
+
+        Each node runs once per distinct signature among the prompts (a loader or an unchanged text encoder
+        once for all, a text encoder once per distinct text), with each prompt's own hidden inputs; a node
+        class with ``BATCH_FUNCTION`` (a method taking the list of the calls' keyword arguments and returning
+        each call's return value) gets all its distinct calls at once, so a sampler can put several jobs in
+        one UNet batch. Outputs are cached under each prompt's signatures, as separate runs would. Events are
+        those of one run (``prompt_id``), ``executed`` once per prompt's output node. A node that fails (or an
+        interrupt) ends every prompt of the batch with that error.
+        """
+        extra_datas = list(extra_datas) if extra_datas is not None else [None] * len(prompts)
+        if len(extra_datas) != len(prompts) or not prompts:
+            raise ValueError(f"execute_batch: {len(prompts)} prompts and {len(extra_datas)} extra_data")
+        with self._run_lock:
+            self._interrupt.clear()
+            batch = _BatchRun(self, prompts, str(prompt_id), extra_datas)
+            return self._context.copy().run(batch.execute)
+
 
 class _Run:
     """State of one execution."""
@@ -362,8 +388,8 @@ class _Run:
                 kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
         return kwargs
 
-    def plan(self, targets: list[str] | None) -> tuple[list[str], list[str]]:
-        """``(cached node ids, execution order)``; also trims the cache to this prompt."""
+    def plan(self, targets: list[str] | None, keep_also: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+        """``(cached node ids, execution order)``; also trims the cache to this prompt (and ``keep_also``)."""
         if targets is None:
             targets = []
             for nid in self.prompt:
@@ -379,6 +405,7 @@ class _Run:
                 keep.add(self.signature(nid))
             except _PlanError:
                 self._signing.clear()  # broken nodes matter only if needed; then they fail below
+        keep.update(keep_also)
         cache = self.executor._cache
         for sig in [s for s in cache if s not in keep]:
             del cache[sig]
@@ -495,7 +522,12 @@ class _Run:
         function_name = getattr(cls, "FUNCTION", None)
         if not function_name:
             raise TypeError(f"node class {cls.__name__} has no FUNCTION")
-        returned = getattr(cls(), function_name)(**kwargs)
+        return _Run.outputs_of(node_id, cls, getattr(cls(), function_name)(**kwargs))
+
+    @staticmethod
+    def outputs_of(node_id: str, cls: type, returned: Any) -> tuple[tuple, dict | None]:
+        """``(outputs, ui)`` of what a node function returned."""
+        function_name = getattr(cls, "FUNCTION", None)
         ui = None
         if isinstance(returned, dict):
             ui = returned.get("ui")
@@ -534,3 +566,116 @@ class _Run:
         self.result.status = "interrupted"
         self.result.error = self.result.messages[-1][1]
         return self.result
+
+
+class _BatchRun:
+    """State of one :meth:`Executor.execute_batch`: a :class:`_Run` per prompt, nodes run for all of them."""
+
+    def __init__(self, executor: Executor, prompts, prompt_id: str, extra_datas):
+        self.executor = executor
+        self.runs = [_Run(executor, p, prompt_id, dict(e or {})) for p, e in zip(prompts, extra_datas)]
+        self.lead = self.runs[0]  # emits the run's events
+
+    def finish_all(self, result: ExecutionResult) -> list[ExecutionResult]:
+        for run in self.runs[1:]:
+            run.result.status, run.result.error, run.result.exception = result.status, result.error, result.exception
+        return [run.result for run in self.runs]
+
+    def order(self, orders: list[list[str]]) -> list[str]:
+        """The union of the prompts' execution orders, dependencies first, else in first-seen order."""
+        rank = {nid: i for i, nid in enumerate(dict.fromkeys(n for o in orders for n in o))}
+        waits = {nid: {v[0] for v in (self.lead.prompt[nid].get("inputs") or {}).values() if is_link(v) and v[0] in rank}
+                 for nid in rank}
+        out: list[str] = []
+        while waits:
+            nid = min((n for n, w in waits.items() if not w), key=rank.__getitem__)
+            out.append(nid)
+            del waits[nid]
+            for w in waits.values():
+                w.discard(nid)
+        return out
+
+    def execute(self) -> list[ExecutionResult]:
+        lead = self.lead
+        lead.emit("execution_start", {"prompt_id": lead.prompt_id}, status_message=True)
+        try:
+            every = set()  # the cache keeps what any of the prompts uses
+            for run in self.runs:
+                for nid in run.prompt:
+                    try:
+                        every.add(run.signature(nid))
+                    except _PlanError:
+                        run._signing.clear()
+            plans = [run.plan(None, keep_also=every) for run in self.runs]
+        except _PlanError as e:
+            lead.emit("execution_cached", {"nodes": [], "prompt_id": lead.prompt_id}, status_message=True)
+            return self.finish_all(lead.fail(e.node_id, e.node_type, str(e), e.exception_type, [], {}))
+        except Exception as e:  # INPUT_TYPES / IS_CHANGED machinery broke
+            lead.emit("execution_cached", {"nodes": [], "prompt_id": lead.prompt_id}, status_message=True)
+            return self.finish_all(lead.fail(None, None, str(e), full_type_name(type(e)),
+                                             traceback.format_tb(e.__traceback__), {}))
+        for run, (cached, _order) in zip(self.runs, plans):
+            run.result.cached = cached
+        lead.emit("execution_cached", {"nodes": plans[0][0], "prompt_id": lead.prompt_id}, status_message=True)
+
+        cache = self.executor._cache
+        needs = [set(order) for _cached, order in plans]
+        for nid in self.order([order for _cached, order in plans]):
+            node, cls = lead.node(nid)
+            pending: dict[str, list[_Run]] = {}  # signature -> the prompts that need it run
+            for run, needed in zip(self.runs, needs):
+                if nid not in needed:
+                    continue
+                run.result.meta[nid] = {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                entry = cache.get(run.signatures[nid])
+                if entry is not None:  # cached (an output node replays its UI output)
+                    run.values[nid] = entry.outputs
+                    if entry.ui:
+                        run.result.outputs[nid] = entry.ui
+                        run.emit("executed", {"node": nid, "display_node": nid, "output": entry.ui,
+                                              "prompt_id": run.prompt_id})
+                    continue
+                pending.setdefault(run.signatures[nid], []).append(run)
+            if not pending:
+                continue
+            if self.executor._interrupt.is_set():
+                return self.finish_all(lead.interrupted(nid, node["class_type"]))
+            heads = [runs[0] for runs in pending.values()]
+            calls: list[dict] = []
+            try:
+                lead.set_state(nid, "running", 0.0, 1.0)
+                lead.emit("executing", {"node": nid, "display_node": nid, "prompt_id": lead.prompt_id})
+                calls = [run.call_kwargs(nid, None) for run in heads]
+                batch_function = getattr(cls, "BATCH_FUNCTION", None)
+                if batch_function and len(calls) > 1:
+                    returned = getattr(cls(), batch_function)(calls)
+                    if len(returned) != len(calls):
+                        raise TypeError(f"{cls.__name__}.{batch_function} returned {len(returned)} results for "
+                                        f"{len(calls)} calls")
+                    results = [_Run.outputs_of(nid, cls, r) for r in returned]
+                else:
+                    results = [_Run.call_node(nid, cls, kwargs) for kwargs in calls]
+            except Interrupted:
+                return self.finish_all(lead.interrupted(nid, node["class_type"]))
+            except Exception as e:
+                log.info("node %s (%s) failed in a batch of %d: %s", nid, node["class_type"], len(self.runs), e)
+                log.debug("traceback of node %s", nid, exc_info=True)
+                lead.set_state(nid, "error")
+                current = {k: [_format_value(v)] for k, v in (calls[0] if calls else {}).items()
+                           if not isinstance(v, ProgressReporter)}
+                tb = traceback.format_tb(e.__traceback__)
+                lead.result.exception = e.with_traceback(None)
+                return self.finish_all(lead.fail(nid, node["class_type"], str(e), full_type_name(type(e)), tb,
+                                                 current))
+            for (outputs, ui), (sig, runs) in zip(results, pending.items()):
+                cache[sig] = _CacheEntry(outputs, ui)
+                for run in runs:
+                    run.values[nid] = outputs
+                    run.result.executed.append(nid)
+                    if ui:
+                        run.result.outputs[nid] = ui
+                        run.emit("executed", {"node": nid, "display_node": nid, "output": ui,
+                                              "prompt_id": run.prompt_id})
+            lead.set_state(nid, "finished")
+        lead.emit("execution_success", {"prompt_id": lead.prompt_id}, status_message=True)
+        return [run.result for run in self.runs]

@@ -141,6 +141,27 @@ def brownian_noise_sampler(x: torch.Tensor, sigmas: torch.Tensor, seed: int | No
     return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed, cpu=cpu)
 
 
+class SeedBatch:
+    """The seeds of a batched run (``extra_args["seed"]``): several jobs stacked along x's batch axis.
+
+    Rows ``[offset, offset + size)`` of x are one job's latent batch; that slice gets the noise sampler
+    ``make_noise(slice, seed)`` its job would get sampled alone (its own generator, or its own Brownian
+    tree), and a step's noise is their draws stacked, so each job's numbers do not depend on the others.
+    """
+
+    def __init__(self, seeds, sizes):
+        self.seeds, self.sizes = tuple(int(s) for s in seeds), tuple(int(n) for n in sizes)
+        if len(self.seeds) != len(self.sizes) or not self.seeds:
+            raise SamplingError(f"a seed batch needs one seed per job: {len(self.seeds)} seeds, {len(self.sizes)} jobs")
+
+    def noise_sampler(self, x: torch.Tensor, make_noise) -> NoiseSampler:
+        if sum(self.sizes) != x.shape[0]:
+            raise SamplingError(f"the seed batch covers {sum(self.sizes)} rows, x has {x.shape[0]}")
+        offsets = np.cumsum((0,) + self.sizes)
+        parts = [make_noise(x[a:b], seed) for seed, a, b in zip(self.seeds, offsets[:-1], offsets[1:])]
+        return lambda sigma, sigma_next: torch.cat([part(sigma, sigma_next) for part in parts])
+
+
 # ------------------------------------------------------------------------------------------------
 # The k-diffusion samplers
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +170,8 @@ def brownian_noise_sampler(x: torch.Tensor, sigmas: torch.Tensor, seed: int | No
 class _Run:
     """What every sampler sets up first (the shared prologue): model kwargs, sigma batch, noise, uncond.
 
-    * ``extra_args["seed"]`` is the node seed, used for the noise only (not passed to the model).
+    * ``extra_args["seed"]`` is the node seed, used for the noise only (not passed to the model); a
+      :class:`SeedBatch` gives each job of a batched run its own noise.
     * The noise sampler is the injected one, else built on first use by ``make_noise(x, seed)`` (so
       deterministic runs draw nothing and need no seed): by default ComfyUI's ``default_noise_sampler``.
     * ``cfg_pp=True``: every model call also asks the model for its unconditional prediction through
@@ -188,7 +210,10 @@ class _Run:
 
     def noise(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         if self._noise_sampler is None:
-            self._noise_sampler = self._make_noise(self._x, self.seed)
+            if isinstance(self.seed, SeedBatch):  # several jobs in one batch: one noise source each
+                self._noise_sampler = self.seed.noise_sampler(self._x, self._make_noise)
+            else:
+                self._noise_sampler = self._make_noise(self._x, self.seed)
         return self._noise_sampler(sigma, sigma_next)
 
     def report(self, i, x, sigma, denoised, sigma_hat=None):

@@ -14,9 +14,11 @@ their per-step noise sampler with it. Initial noise: :func:`prepare_noise` (Comf
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -147,7 +149,7 @@ class CFGDenoiser:
     """
 
     def __init__(self, unet, positive, negative, cfg: float, dtype=None, *, should_stop=None,
-                 max_batch: int = UNET_MAX_BATCH):
+                 max_batch: int = UNET_MAX_BATCH, job_rows: int | None = None):
         if dtype is None:
             params = getattr(unet, "parameters", None)
             first = next(iter(params()), None) if callable(params) else None
@@ -163,6 +165,8 @@ class CFGDenoiser:
             raise SamplingError("the positive conditioning has no entries")
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._negative = negative  # for post_cfg at cfg 1 (CFG++ samplers), see _uncond_at_cfg_one
+        self.job_rows = job_rows  # batched run (sample_batch): rows of x per job, each job's block job-major
+        self._block_rows: int | None = None  # rows per job block in the UNet call now running (see _per_job_blocks)
 
     def _context(self, entries: list[CondEntry], batch: int, device: torch.device):
         key = (tuple(id(e) for e in entries), batch, device)
@@ -190,7 +194,10 @@ class CFGDenoiser:
             x_all, sigma_all = torch.cat([x] * n), torch.cat([sigma] * n)  # (n*B, 4, h, w), (n*B,)
             s = sigma_all.view(-1, *([1] * (x.ndim - 1)))
             x_in = (x_all / (s**2 + 1.0) ** 0.5).to(self.dtype)
-            eps = self._unet(x_in, sigma_to_timestep(sigma_all), context, y)
+            if self.job_rows is not None and self.job_rows < x.shape[0]:
+                eps = self._unet_per_job(x_in, sigma_to_timestep(sigma_all), context, y, n)
+            else:
+                eps = self._unet(x_in, sigma_to_timestep(sigma_all), context, y)
             denoised = x_all - eps * s
             for chunk, (entry, side) in zip(denoised.chunk(n), picked):
                 out[side] += chunk * entry.strength
@@ -211,6 +218,37 @@ class CFGDenoiser:
             b = a + self.max_batch
             parts.append(self.unet(x_in[a:b], timesteps[a:b], context[a:b], y[a:b]).float())
         return torch.cat(parts)  # (n, 4, h, w)
+
+    def _unet_per_job(self, x_in, timesteps, context, y, n: int) -> torch.Tensor:
+        """eps of a batched run (several jobs of ``job_rows`` rows each, :func:`sample_batch`) as each job's own run
+        computes it: the rows are reordered job-major (job 1's n groups of rows, then job 2's, …) so that every
+        UNet call holds whole job blocks in the order a lone job's call has them, a job block bigger than
+        ``max_batch`` is sliced as a lone job slices it, and the layers whose rounding may depend on the number
+        of rows (linear layers, attention) run block by block (:func:`_per_job_blocks`)."""
+        rows, total = self.job_rows, x_in.shape[0] // n
+        jobs = total // rows
+        # (n, jobs, rows) -> (jobs, n, rows): index of each job-major row in the entry-major batch
+        order = torch.arange(n * total, device=x_in.device).view(n, jobs, rows).transpose(0, 1).reshape(-1)
+        block = n * rows
+        if block <= self.max_batch:  # whole jobs per call
+            per_call = self.max_batch // block * block
+            spans = [(a, min(a + per_call, n * total)) for a in range(0, n * total, per_call)]
+        else:  # each job's block in the slices its lone run makes
+            spans = [(j * block + a, j * block + min(a + self.max_batch, block))
+                     for j in range(jobs) for a in range(0, block, self.max_batch)]
+        parts = []
+        for a, b in spans:
+            if a and self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"sampling stopped by the caller inside a step, after {a} of {n * total} images")
+            idx = order[a:b]
+            self._block_rows = block if block <= self.max_batch else None
+            try:
+                parts.append(self.unet(x_in[idx], timesteps[idx], context[idx], y[idx]).float())
+            finally:
+                self._block_rows = None
+        eps = torch.empty_like(torch.cat(parts))
+        eps[order] = torch.cat(parts)
+        return eps  # (n*total, 4, h, w), entry-major again
 
     def _uncond_at_cfg_one(self) -> None:
         """A post_cfg hook wants the uncond prediction: evaluate it even at cfg 1, as ComfyUI does when a
@@ -332,9 +370,155 @@ def sample(
     see ``conditioning.resolve_entries``). ``noise_mask`` (a LATENT's, 1 = denoise) keeps the
     unmasked area on the input latent (ComfyUI's inpainting sampler).
     """
+    job = SampleJob(positive, negative, latent, seed, batch_index=batch_index, noise_mask=noise_mask)
+    return sample_batch(
+        unet, [job], steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+        start_step=start_step, end_step=end_step, add_noise=add_noise, return_with_leftover_noise=return_with_leftover_noise,
+        refiner=refiner, dtype=dtype, callback=callback, should_stop=should_stop,
+    )[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Several jobs in one sampling run (sdxl-nodes run --batch N)
+# ------------------------------------------------------------------------------------------------
+
+
+class NotBatchable(SamplingError):
+    """These jobs cannot share one sampling run with each job's own result (the caller runs them one by one)."""
+
+
+# Samplers whose step depends on the whole batch (dpm_adaptive sizes its steps by the error norm over all
+# of x): a batch of jobs would step differently from each job alone.
+UNBATCHABLE_SAMPLERS = frozenset({"dpm_adaptive"})
+
+
+@dataclass
+class SampleJob:
+    """What one job of :func:`sample_batch` brings: its conditioning, latent, seed and the LATENT's extras."""
+
+    positive: Any
+    negative: Any
+    latent: torch.Tensor
+    seed: int
+    batch_index: list[int] | None = None
+    noise_mask: torch.Tensor | None = None
+
+
+def _stack_entries(per_job: list[list[CondEntry]], rows: int, side: str) -> list[CondEntry]:
+    """One entry list for a batch of jobs: entry k's context/vector are the jobs' own, each repeated to the job's
+    ``rows`` as its lone run repeats it, stacked in job order. The jobs must have matching entries (count,
+    shapes, strengths, sigma ranges) so that the lone runs and the batch group their UNet calls alike."""
+    first = per_job[0]
+    for number, entries in enumerate(per_job, 1):
+        if len(entries) != len(first):
+            raise NotBatchable(f"{side}: job {number} has {len(entries)} conditioning entries, job 1 has {len(first)}")
+        if len({e.crossattn.shape[0] for e in entries} | {e.vector.shape[0] for e in entries}) > 1:
+            raise NotBatchable(f"{side}: job {number}'s conditioning entries have different batch sizes")
+        for k, (a, b) in enumerate(zip(first, entries)):
+            if a.crossattn.shape != b.crossattn.shape or a.vector.shape != b.vector.shape:
+                raise NotBatchable(f"{side} entry {k}: job {number}'s context is {list(b.crossattn.shape)}, job 1's "
+                                   f"{list(a.crossattn.shape)} (prompts of different token lengths)")
+            if (a.strength, a.sigma_start, a.sigma_end) != (b.strength, b.sigma_start, b.sigma_end):
+                raise NotBatchable(f"{side} entry {k}: job {number} has another strength or timestep range")
+    return [
+        CondEntry(torch.cat([_repeat_to_batch(entries[k].crossattn, rows) for entries in per_job]),
+                  torch.cat([_repeat_to_batch(entries[k].vector, rows) for entries in per_job]),
+                  strength=e.strength, sigma_start=e.sigma_start, sigma_end=e.sigma_end)
+        for k, e in enumerate(first)
+    ]
+
+
+def _row_dependent(module) -> bool:
+    """Layers whose float rounding may change with the number of rows they get: matrix products (CPU BLAS takes
+    other kernels for 1-2 rows than for 4: the per-image time/ADM vectors, the 1×1 middle of a small latent) and
+    attention (its kernel splits work by batch and query length). Convolutions and norms gave each image the same
+    bits in any batch in our CPU tests (tiny base and refiner; full-size in benchmarks/bench_batch.py)."""
+    return isinstance(module, torch.nn.Linear) or hasattr(module, "to_q")
+
+
+@contextlib.contextmanager
+def _per_job_blocks(unet, denoiser: CFGDenoiser):
+    """While a batched UNet call runs, its row-dependent layers (:func:`_row_dependent`) compute each job block on
+    its own, with the rows the job's lone call gives them (see ``CFGDenoiser._unet_per_job``); everything else
+    runs once over the whole batch."""
+    modules = getattr(unet, "modules", None)
+    if not callable(modules):
+        yield
+        return
+    wrapped = [m for m in modules() if _row_dependent(m)]
+
+    def blockwise(forward):
+        def run(v, *args, **kwargs):
+            block = denoiser._block_rows
+            if block is None or v.shape[0] <= block:
+                return forward(v, *args, **kwargs)
+            n = v.shape[0]
+
+            def rows(t, a):  # the block's rows of a per-row tensor argument (attention's context)
+                return t[a:a + block] if isinstance(t, torch.Tensor) and t.shape[:1] == (n,) else t
+
+            return torch.cat([forward(v[a:a + block], *(rows(t, a) for t in args),
+                                      **{k: rows(t, a) for k, t in kwargs.items()})
+                              for a in range(0, n, block)])
+        return run
+
+    for m in wrapped:
+        m.forward = blockwise(m.forward)  # an instance attribute over the class's forward, removed below
+    try:
+        yield
+    finally:
+        for m in wrapped:
+            del m.forward
+
+
+def _check_batch(jobs: list[SampleJob], sampler_name: str) -> None:
+    if sampler_name in UNBATCHABLE_SAMPLERS:
+        raise NotBatchable(f"sampler {sampler_name!r} steps by the error of the whole batch")
+    shape = jobs[0].latent.shape
+    for number, job in enumerate(jobs, 1):
+        if job.latent.shape != shape:
+            raise NotBatchable(f"job {number}'s latent is {list(job.latent.shape)}, job 1's {list(shape)}")
+        if (job.noise_mask is None) != (jobs[0].noise_mask is None) or (job.negative is None) != (jobs[0].negative is None):
+            raise NotBatchable(f"job {number} differs from job 1 in having a noise mask or a negative")
+
+
+def sample_batch(
+    unet,
+    jobs: list[SampleJob],
+    *,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float = 1.0,
+    start_step: int = 0,
+    end_step: int | None = None,
+    add_noise: bool = True,
+    return_with_leftover_noise: bool = False,
+    refiner: bool = False,
+    dtype: torch.dtype | None = None,
+    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`sample` for several jobs that share every setting but their conditioning, latent and seed: one
+    UNet call per model evaluation for all of them (CFG: uncond and cond of every job), one result per job.
+
+    Each job's result is the one :func:`sample` gives for it alone: its own initial noise
+    (:func:`prepare_noise` with its seed and batch_index), its own per-step noise (a :class:`~.samplers.SeedBatch`
+    gives each job the generator or Brownian tree of its lone run), its conditioning repeated to its latent batch,
+    and UNet calls laid out per job (``CFGDenoiser._unet_per_job``). Elementwise float maths is the same either
+    way; on the CPU the results are bit-identical (tests); on a GPU, kernels chosen by batch size may differ in
+    the last bits. Jobs that cannot be batched this way raise :class:`NotBatchable` before anything runs.
+    """
     # 1. Check inputs
-    _validate(latent, steps, cfg, sampler_name, scheduler, denoise, start_step, end_step)
-    seed = _check_seed(seed)
+    if not jobs:
+        raise SamplingError("sample_batch needs at least one job")
+    for job in jobs:
+        _validate(job.latent, steps, cfg, sampler_name, scheduler, denoise, start_step, end_step)
+    seeds = [_check_seed(job.seed) for job in jobs]
+    if len(jobs) > 1:
+        _check_batch(jobs, sampler_name)
+    device = jobs[0].latent.device
 
     # 2. The schedule, cut to [start_step, end_step]
     sigmas = get_sigmas(scheduler, steps, sampler_name=sampler_name, denoise=denoise)
@@ -344,25 +528,42 @@ def sample(
             sigmas[-1] = 0  # finish clean: the last kept step jumps straight to x0
     if start_step >= len(sigmas) - 1:
         logger.info("start_step %d leaves no step of %d sigmas; returning the latent unchanged", start_step, len(sigmas))
-        return latent.clone()
-    sigmas = sigmas[start_step:].to(latent.device)
-
-    # 3. Initial noise (CPU, float32) and the starting state x = noise * s + latent * 0.13025
-    if add_noise:
-        noise = prepare_noise(latent, seed, batch_index).to(latent.device)
-    else:
-        noise = torch.zeros(latent.shape, dtype=torch.float32, device=latent.device)
-    latent = latent.float()
-    if torch.count_nonzero(latent) > 0:  # ComfyUI does not scale an all-zero (empty) latent
-        latent = latent * LATENT_SCALE
+        return [job.latent.clone() for job in jobs]
+    sigmas = sigmas[start_step:].to(device)
     sigma_0 = sigmas[0]
     at_max = math.isclose(float(sigma_0), sigma_max(), rel_tol=1e-5) or float(sigma_0) > sigma_max()
-    x = noise * (torch.sqrt(1.0 + sigma_0**2.0) if at_max else sigma_0)
-    x += latent
-    hw = (latent.shape[2], latent.shape[3])
-    positive = resolve_entries(positive, refiner=refiner, latent_hw=hw, negative=False, where="positive")
-    negative = None if negative is None else resolve_entries(negative, refiner=refiner, latent_hw=hw, negative=True,
-                                                             where="negative")
+
+    # 3. Per job: initial noise (CPU, float32), the starting state x = noise * s + latent * 0.13025, conditioning
+    xs, noises, latents, positives, negatives, masks = [], [], [], [], [], []
+    for job, seed in zip(jobs, seeds):
+        latent = job.latent
+        if add_noise:
+            noise = prepare_noise(latent, seed, job.batch_index).to(latent.device)
+        else:
+            noise = torch.zeros(latent.shape, dtype=torch.float32, device=latent.device)
+        latent = latent.float()
+        if torch.count_nonzero(latent) > 0:  # ComfyUI does not scale an all-zero (empty) latent
+            latent = latent * LATENT_SCALE
+        x = noise * (torch.sqrt(1.0 + sigma_0**2.0) if at_max else sigma_0)
+        x += latent
+        hw = (latent.shape[2], latent.shape[3])
+        positives.append(resolve_entries(job.positive, refiner=refiner, latent_hw=hw, negative=False, where="positive"))
+        negatives.append(None if job.negative is None else resolve_entries(
+            job.negative, refiner=refiner, latent_hw=hw, negative=True, where="negative"))
+        if job.noise_mask is not None:
+            masks.append(prepare_noise_mask(job.noise_mask, latent.shape).to(latent.device))
+        xs.append(x)
+        noises.append(noise)
+        latents.append(latent)
+    rows = jobs[0].latent.shape[0]
+    if len(jobs) == 1:
+        x, noise, latent, positive, negative = xs[0], noises[0], latents[0], positives[0], negatives[0]
+        extra_args, job_rows = {"seed": seeds[0]}, None
+    else:
+        positive = _stack_entries(positives, rows, "positive")
+        negative = None if negatives[0] is None else _stack_entries(negatives, rows, "negative")
+        x, noise, latent = torch.cat(xs), torch.cat(noises), torch.cat(latents)  # (jobs*rows, 4, h, w)
+        extra_args, job_rows = {"seed": solvers.SeedBatch(seeds, [rows] * len(jobs))}, rows
 
     # 4. Denoise
     total = len(sigmas) - 1
@@ -375,11 +576,14 @@ def sample(
 
     if should_stop is not None and should_stop():
         raise Cancelled(f"sampling stopped by the caller before step 1 of {total}")
-    denoiser = CFGDenoiser(unet, positive, negative, cfg, dtype=dtype, should_stop=should_stop)
-    if noise_mask is not None:
-        mask = prepare_noise_mask(noise_mask, latent.shape).to(latent.device)
-        denoiser = InpaintDenoiser(denoiser, mask, latent, noise)
-    logger.debug("sampling %s/%s, %d steps, sigma %.4f -> %.4f", sampler_name, scheduler, total, float(sigmas[0]), float(sigmas[-1]))
-    with sdpa_backends(x.device):
-        samples = SAMPLERS[sampler_name](denoiser, x, sigmas, extra_args={"seed": seed}, callback=k_callback)
-    return samples.float() / LATENT_SCALE
+    cfg_denoiser = CFGDenoiser(unet, positive, negative, cfg, dtype=dtype, should_stop=should_stop, job_rows=job_rows)
+    denoiser = cfg_denoiser
+    if masks:
+        denoiser = InpaintDenoiser(denoiser, torch.cat(masks), latent, noise)
+    logger.debug("sampling %s/%s, %d steps, %d job(s), sigma %.4f -> %.4f", sampler_name, scheduler, total, len(jobs),
+                 float(sigmas[0]), float(sigmas[-1]))
+    blocks = _per_job_blocks(unet, cfg_denoiser) if job_rows is not None else contextlib.nullcontext()
+    with blocks, sdpa_backends(x.device):
+        samples = SAMPLERS[sampler_name](denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
+    out = samples.float() / LATENT_SCALE
+    return [out] if len(jobs) == 1 else [part.clone() for part in out.split(rows)]

@@ -6,7 +6,7 @@ from ...sdxl_core.conditioning import check_comfy_conditioning
 from ...sdxl_core.sampling import SAMPLERS
 from ...sdxl_core.schedules import SCHEDULERS
 from ..environment import NodeInputError
-from ..sampling import CONTINUE_KEY, HIDDEN, continue_info, run_sampler
+from ..sampling import CONTINUE_KEY, HIDDEN, continue_info, run_batched, run_sampler
 from ..schema import MAX_SEED, Combo, Float, Int, NodeSchema, Output, Socket, node
 
 LATENT_OUT = (Output("LATENT", "LATENT", "The denoised latent."),)
@@ -66,6 +66,11 @@ def _steps():
     hidden=HIDDEN,
 ))
 class KSampler:
+    BATCH_FUNCTION = "run_batch"  # several jobs in one UNet batch (runtime executor, `run --batch N`)
+
+    def run_batch(self, calls):
+        return run_batched(self, calls)
+
     DIFFERS_FROM_COMFYUI = SAMPLER_NOTE
 
     def run(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
@@ -99,6 +104,11 @@ class KSampler:
     hidden=HIDDEN,
 ))
 class KSamplerAdvanced:
+    BATCH_FUNCTION = "run_batch"  # several jobs in one UNet batch (runtime executor, `run --batch N`)
+
+    def run_batch(self, calls):
+        return run_batched(self, calls)
+
     DIFFERS_FROM_COMFYUI = SAMPLER_NOTE + " A latent stopped early with leftover noise also carries a hand-over record, so SDXL Noise & Refine can continue it."
 
     def run(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
