@@ -115,7 +115,8 @@ def connect(ray, address: str) -> None:
         return
     try:
         if address == "local":
-            ray.init(namespace=NAMESPACE, log_to_driver=False)
+            # "local": always a new cluster of our own, never one a `ray start` left on this machine
+            ray.init(address="local", namespace=NAMESPACE, log_to_driver=False)
         else:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
