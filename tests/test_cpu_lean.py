@@ -1,0 +1,203 @@
+"""The lean CPU default: networks stored as the file stores them (fp16), computed in fp32 layer by layer.
+
+The reference is the plain fp32 path (the same fp16 file read with dtype=fp32: every tensor upcast
+once at load, ordinary torch layers): fp16 → fp32 is exact, so the manual-cast path must give the
+same bits, compared with `torch.equal`, for the UNet's eps, both text encoders' hidden states and
+pooled output, the VAE both ways, and a whole sampling run through the model manager.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdxl_nodes.sdxl_core import checkpoint, ops
+from sdxl_nodes.sdxl_core.config import TINY_BASE
+from sdxl_nodes.sdxl_core.errors import CheckpointError
+from sdxl_nodes.sdxl_core.memory import ModelManager, RuntimeOptions
+from sdxl_nodes.sdxl_core.sampling import sample
+
+
+@pytest.fixture(scope="module")
+def fp16_base(tmp_path_factory) -> Path:
+    """A tiny base checkpoint stored in fp16, as the SDXL releases are."""
+    return checkpoint.write_random_checkpoint(tmp_path_factory.mktemp("fp16") / "base_fp16.safetensors", TINY_BASE,
+                                              seed=77, dtype=torch.float16)
+
+
+def _pair(path, part):
+    """(lean: stored as in the file, fp32 compute; reference: stored and computed in fp32)."""
+    lean = checkpoint.load_part(path, part, dtype=None)
+    ref = checkpoint.load_part(path, part, dtype=torch.float32)
+    return lean, ref
+
+
+def _float_dtypes(module):
+    return {p.dtype for p in module.parameters() if p.is_floating_point()}
+
+
+def test_compute_dtype_rule():
+    """The storage → compute table, per device (the CUDA rows are what the GPU path relies on)."""
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    assert [ops.compute_dtype("cpu", d) for d in (None, f16, bf16, f32)] == [f32, f32, bf16, f32]
+    assert [ops.compute_dtype("cuda", d) for d in (None, f16, bf16, f32)] == [f32, f16, bf16, f32]
+    assert RuntimeOptions().compute_dtype_for("unet") == f32
+    assert RuntimeOptions(unet_dtype=bf16).compute_dtype_for("unet") == bf16
+    assert RuntimeOptions(text_dtype=f16).compute_dtype_for("clip_g") == f32
+
+
+def test_unet_eps_bit_identical(fp16_base):
+    """Catches: computing in fp16 (weights not upcast, or inputs cast to the weights' dtype by the UNet), a
+    bias left in fp16, GroupNorm/LayerNorm weights not cast, the loader upcasting anyway (no memory saved)."""
+    lean, ref = _pair(fp16_base, "unet")
+    assert _float_dtypes(lean) == {torch.float16} and _float_dtypes(ref) == {torch.float32}
+    assert lean.dtype == torch.float32 and ref.dtype == torch.float32
+    u = TINY_BASE.unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([999.0, 321.0])
+    ctx = torch.randn(2, 77, u.context_dim, generator=g)
+    y = torch.randn(2, u.adm_in_channels, generator=g)
+    with torch.inference_mode():
+        a, b = lean(x, t, ctx, y), ref(x, t, ctx, y)
+    assert a.dtype == torch.float32 and b.abs().max() > 0
+    assert torch.equal(a, b)
+
+
+def test_text_encoders_bit_identical(fp16_base):
+    """Catches: the token/position embeddings looked up in fp16 (the whole encoder then runs in fp16), the
+    attention or final LayerNorm in fp16, the projection's weight not cast."""
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72, [49406] + [49407] * 76])
+    for part in ("clip_l", "clip_g"):
+        lean, ref = _pair(fp16_base, part)
+        assert _float_dtypes(lean) == {torch.float16}
+        with torch.inference_mode():
+            a = lean(input_ids=ids, output_hidden_states=True)
+            b = ref(input_ids=ids, output_hidden_states=True)
+        assert len(a.hidden_states) == len(b.hidden_states)
+        for i, (ha, hb) in enumerate(zip(a.hidden_states, b.hidden_states)):
+            assert ha.dtype == torch.float32 and torch.equal(ha, hb), (part, i)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state), part
+        if part == "clip_g":
+            assert torch.equal(a.text_embeds, b.text_embeds)  # the pooled vector
+
+
+def test_vae_bit_identical(fp16_base):
+    """Catches: the VAE casting its input to its fp16 weights, a GroupNorm or 1×1 attention conv in fp16."""
+    lean, ref = _pair(fp16_base, "vae")
+    assert _float_dtypes(lean) == {torch.float16}
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    px = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(lean.decode(z), ref.decode(z))
+        assert torch.equal(lean.encode(px), ref.encode(px))
+
+
+def test_manager_default_samples_bit_identical(fp16_base):
+    """The whole default path: manager options → loader → sampler. Catches: the sampler's denoiser casting
+    its inputs to the weights' fp16 (it must take the UNet's compute dtype)."""
+    lean_m, ref_m = ModelManager(RuntimeOptions()), ModelManager(RuntimeOptions(unet_dtype=torch.float32))
+    lean, ref = lean_m.get(fp16_base, "unet"), ref_m.get(fp16_base, "unet")
+    assert _float_dtypes(lean) == {torch.float16} and _float_dtypes(ref) == {torch.float32}
+    g = torch.Generator().manual_seed(2)
+    u = TINY_BASE.unet
+    cond = [[torch.randn(1, 77, u.context_dim, generator=g), {"pooled_output": torch.randn(1, 64, generator=g)}]]
+    uncond = [[torch.randn(1, 77, u.context_dim, generator=g), {"pooled_output": torch.randn(1, 64, generator=g)}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    kw = dict(seed=5, steps=3, cfg=7.0, sampler_name="euler", scheduler="normal")
+    a = sample(lean, cond, uncond, latent, **kw)
+    b = sample(ref, cond, uncond, latent, **kw)
+    assert torch.equal(a, b)
+
+
+def test_fp32_file_never_rounded_down(tiny_checkpoints):
+    """An fp32 file stays fp32 by default (the tiny fixtures are fp32); asking for fp16 rounds it and still
+    computes in fp32. Catches: a default of fp16 storage that silently rounds a user's fp32 weights."""
+    path = tiny_checkpoints["base"]
+    m = ModelManager()
+    assert _float_dtypes(m.get(path, "unet")) == {torch.float32}
+    assert _float_dtypes(m.get(path, "clip_g")) == {torch.float32}
+    half = checkpoint.load_part(path, "unet", dtype=torch.float16)
+    assert _float_dtypes(half) == {torch.float16} and half.dtype == torch.float32
+
+
+def test_bf16_stays_bf16_compute(fp16_base):
+    """`--dtype bf16` on the CPU stores and computes in bf16 (no manual cast: speed, not exactness)."""
+    unet = ModelManager(RuntimeOptions(unet_dtype=torch.bfloat16)).get(fp16_base, "unet")
+    assert _float_dtypes(unet) == {torch.bfloat16} and unet.dtype == torch.bfloat16
+    assert not any(isinstance(m, ops.CastLinear) for m in unet.modules())
+
+
+def test_lora_on_fp16_storage(fp16_base, tmp_path):
+    """A LoRA on the lean default: patched in fp32, rounded once to fp16, computed in fp32; removing it
+    restores the file's bits. Catches: patching in fp16, or the patch upcasting the stored weight."""
+    from safetensors.torch import save_file
+
+    m = ModelManager()
+    cfg, _ = m.inspect(fp16_base)
+    unet = m.get(fp16_base, "unet")
+    key = "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    w16 = unet.state_dict()[key].clone()
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, w16.shape[1], generator=g), torch.randn(w16.shape[0], 4, generator=g)
+    name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+    path = tmp_path / "one.safetensors"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)},
+              str(path))
+    patched = m.get(fp16_base, "unet", ((m.lora(path, cfg), 1.0),)).state_dict()[key]
+    assert patched.dtype == torch.float16
+    assert torch.equal(patched, (w16.float() + up @ down).half())
+    assert torch.equal(m.get(fp16_base, "unet").state_dict()[key], w16)
+
+
+def test_manual_cast_refuses_unknown_weight_holders():
+    """A layer type without a casting version would quietly compute in fp16: refused by name."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3).half(), Scale())
+    with pytest.raises(TypeError, match=r"1 \(Scale\) holds weights"):
+        ops.manual_cast(net, torch.float32)
+
+
+def _mapped(path: Path) -> bool:
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_loaded_network_holds_no_file_pages(fp16_base):
+    """Stored in the file's dtype, a network must still not live in the file's memory map (pages counted in
+    RSS on top of the page cache, pinned while the network lives). Catches: tensors taken from safe_open."""
+    gc.collect()
+    assert not _mapped(fp16_base)
+    unet = checkpoint.load_part(fp16_base, "unet", dtype=None)
+    assert _float_dtypes(unet) == {torch.float16}
+    assert not _mapped(fp16_base)
+    # the reader itself: bit-equal to safetensors' own reading
+    from safetensors.torch import load_file
+
+    ref = load_file(str(fp16_base))
+    with checkpoint.TensorFile(fp16_base) as f:
+        assert set(f.keys()) == set(ref)
+        for k in list(ref)[:50]:
+            t = f.get_tensor(k)
+            assert t.dtype == ref[k].dtype and torch.equal(t, ref[k]), k
+
+
+def test_truncated_file_is_a_clear_error(fp16_base, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    data = fp16_base.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    with checkpoint.TensorFile(cut) as f:
+        last = max(f.keys(), key=lambda k: f._span(k)[1])
+        with pytest.raises(CheckpointError, match="do not fit its shape .* or the file"):
+            f.get_tensor(last)
+    os.remove(cut)
