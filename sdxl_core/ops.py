@@ -11,6 +11,8 @@ compute dtype, which is what its callers cast their inputs to.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,23 +34,47 @@ def compute_dtype(device: str | torch.device, storage: torch.dtype | None) -> to
     return storage
 
 
+_scratch = threading.local()
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)  # a no-op (the same tensor) when already `dtype`
+    """`t` in `dtype`, valid until this thread's next cast (the one layer's forward that asked for it).
+
+    Weights are cast into one reusable per-thread buffer: a fresh tensor each time would be a fresh
+    memory mapping for every large weight (glibc maps blocks over 32 MB itself), paid in page faults,
+    about 5× the copy itself. Non-contiguous weights (bigG's transposed projection) get their own copy
+    with the same strides, so every kernel sees exactly the layout the fp32 path gives it.
+    """
+    if t is None or t.dtype == dtype:
+        return t
+    if not t.is_contiguous():
+        return t.to(dtype)
+    n = t.numel()
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != t.device:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = _scratch.buf = torch.empty(max(n, buf.numel() if buf is not None else 0), dtype=dtype,
+                                             device=t.device)
+    return buf[:n].view(t.shape).copy_(t)
+
+
+def _cast_bias(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)  # small: its own tensor (the weight holds the scratch)
 
 
 class CastLinear(nn.Linear):
     def forward(self, x):
-        return F.linear(x, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype))
+        return F.linear(x, _cast(self.weight, x.dtype), _cast_bias(self.bias, x.dtype))
 
 
 class CastConv2d(nn.Conv2d):
     def forward(self, x):
-        return self._conv_forward(x, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype))
+        return self._conv_forward(x, _cast(self.weight, x.dtype), _cast_bias(self.bias, x.dtype))
 
 
 class CastGroupNorm(nn.GroupNorm):
     def forward(self, x):
-        return F.group_norm(x, self.num_groups, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype), self.eps)
+        return F.group_norm(x, self.num_groups, _cast(self.weight, x.dtype), _cast_bias(self.bias, x.dtype), self.eps)
 
 
 class CastGroupNorm32(GroupNorm32, CastGroupNorm):
@@ -57,7 +83,7 @@ class CastGroupNorm32(GroupNorm32, CastGroupNorm):
 
 class CastLayerNorm(nn.LayerNorm):
     def forward(self, x):
-        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype), self.eps)
+        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x.dtype), _cast_bias(self.bias, x.dtype), self.eps)
 
 
 class CastEmbedding(nn.Embedding):
@@ -66,6 +92,8 @@ class CastEmbedding(nn.Embedding):
     compute_dtype: torch.dtype = torch.float32
 
     def forward(self, ids):
+        if self.max_norm is None:  # the rows looked up, then cast: the same values, without casting the table
+            return F.embedding(ids, self.weight, self.padding_idx).to(self.compute_dtype)
         return F.embedding(ids, _cast(self.weight, self.compute_dtype), self.padding_idx, self.max_norm,
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 
