@@ -201,3 +201,63 @@ def test_truncated_file_is_a_clear_error(fp16_base, tmp_path):
         with pytest.raises(CheckpointError, match="do not fit its shape .* or the file"):
             f.get_tensor(last)
     os.remove(cut)
+
+
+def test_text_encoders_freed_before_the_unet_loads_when_memory_is_short(models_dir, tmp_path, monkeypatch):
+    """A base run (ComfyUI's default graph, core ids) on a machine whose RAM holds the UNet and the VAE but
+    not the UNet beside both text encoders. Memory is simulated without a cgroup: available = a budget minus
+    the bytes of the networks still alive (weakrefs, so a module evicted but still referenced counts).
+    Catches: the UNet loaded first and the encoders freed after, an evicted encoder kept alive by a
+    reference, or the UNet evicted needlessly for the VAE."""
+    import uuid
+    import weakref
+
+    from sdxl_nodes.nodes.environment import configure
+    from sdxl_nodes.runtime.cli import node_pack
+    from sdxl_nodes.runtime.executor import Executor
+    from sdxl_nodes.sdxl_core import memory
+
+    alive: dict[str, weakref.ref] = {}
+    size = {p: sum(t.numel() * 4 for t in m.parameters()) for p, m in checkpoint.build_modules(TINY_BASE).items()}
+    budget = size["unet"] + size["vae"] + 1024  # fp32 tiny file: stored as 4 bytes a weight
+    events = []
+
+    def live_bytes():
+        gc.collect()
+        return sum(size[p] for p, r in alive.items() if r() is not None)
+
+    real_load = checkpoint.load_part
+
+    def load_part(path, part, **kw):
+        events.append((part, sorted(p for p, r in alive.items() if r() is not None)))
+        module = real_load(path, part, **kw)
+        alive[part] = weakref.ref(module)
+        return module
+
+    monkeypatch.setattr(checkpoint, "load_part", load_part)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: budget - live_bytes())
+    configure(models_dir=models_dir, input_dir=tmp_path, output_dir=tmp_path / "out",
+              options=RuntimeOptions(reserve_bytes=0))
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a bottle", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 1, "steps": 2, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "t", "images": ["8", 0]}},
+    }
+    result = Executor(node_pack(standalone=True)[0]).execute(prompt, str(uuid.uuid4()))
+    assert result.success, result.error
+    assert events == [("clip_l", []), ("clip_g", ["clip_l"]), ("unet", []), ("vae", ["unet"])]
+
+
+def test_part_nbytes_counts_the_stored_dtype(fp16_base, tiny_checkpoints):
+    """What the manager must budget for: 2 bytes a weight for an fp16 file kept as stored, 4 when upcast."""
+    n = sum(p.numel() for p in checkpoint.build_modules(TINY_BASE)["unet"].parameters())
+    assert checkpoint.part_nbytes(fp16_base, "unet", None) == 2 * n
+    assert checkpoint.part_nbytes(fp16_base, "unet", torch.float32) == 4 * n
+    assert checkpoint.part_nbytes(tiny_checkpoints["base"], "unet", None) == 4 * n  # an fp32 file stays fp32
+    assert checkpoint.part_nbytes(tiny_checkpoints["base"], "unet", torch.bfloat16) == 2 * n
