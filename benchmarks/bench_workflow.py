@@ -12,6 +12,8 @@ and prints wall time, peak RSS and the time spent inside vs outside the UNet.
         --comfyui /tmp/comfyui-run --comfyui-python /tmp/comfyui-venv/bin/python
         # ComfyUI's default base graph, whole process each, alternating: `sdxl-nodes run` with our default CPU
         # settings vs ComfyUI's server (`main.py --cpu`, its defaults) given the same API prompt over HTTP
+    flock /tmp/sdxl-heavy.lock python benchmarks/bench_workflow.py --dir /tmp/sdxl-bench --size 256 --steps 2 \
+        --dtype-pixels   # ours: default vs --dtype fp32 vs --dtype bf16, pixels against fp32
 """
 
 from __future__ import annotations
@@ -313,6 +315,33 @@ def comfyui(args) -> None:
           f"{(diff > 0).mean() * 100:.3f} % of values differ")
 
 
+def dtype_pixels(args) -> None:
+    """Ours on the base graph with the default CPU settings, --dtype fp32 and --dtype bf16 (fresh processes):
+    wall, peak RSS and each image's difference from the fp32 one."""
+    import json
+    import shutil
+
+    models = args.dir / "models" / "checkpoints"
+    if not (models / "sd_xl_base_1.0.safetensors").exists():
+        raise SystemExit(f"no {models / 'sd_xl_base_1.0.safetensors'}: run --comfyui once, or write it")
+    prompt = _base_prompt(args.size, args.steps)
+    rows = {}
+    for label, extra in (("fp32", ["--dtype", "fp32", "--vae-dtype", "fp32"]), ("default", []),
+                         ("bf16", ["--dtype", "bf16", "--vae-dtype", "bf16"])):
+        out = args.dir / f"bench-dtype-{label}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        (out / "prompt.json").write_text(json.dumps(prompt))
+        r = _run_ours(args, out / "prompt.json", out, extra)
+        rows[label] = (r, _pixels(out), " ".join(extra) or "(default)")
+    ref = rows["fp32"][1]
+    print(f"full-size random base, ComfyUI's default graph, {args.size}², {args.steps} steps; whole process each")
+    print("| sdxl-nodes run | wall | peak RSS | max abs diff vs fp32 (of 255) | values differing |\n|---|---|---|---|---|")
+    for _label, (r, px, flags) in rows.items():
+        d = abs(px - ref)
+        print(f"| {flags} | {r['wall']:.1f} s | {r['rss']:.2f} GiB | {int(d.max())} | {(d > 0).mean() * 100:.3f} % |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdxl-bench"))
@@ -328,7 +357,11 @@ def main() -> None:
     ap.add_argument("--comfyui-arg", action="append", default=[], help="--comfyui: extra ComfyUI flag (repeatable)")
     ap.add_argument("--ours-arg", action="append", default=[], help="--comfyui: extra `sdxl-nodes run` flag "
                     "(repeatable), e.g. --ours-arg=--dtype --ours-arg=bf16")
+    ap.add_argument("--dtype-pixels", action="store_true", help="ours on the base graph: default, fp32 and bf16, "
+                    "pixels vs fp32")
     args = ap.parse_args()
+    if args.dtype_pixels:
+        return dtype_pixels(args)
     if args.comfyui:
         if not args.comfyui_python:
             ap.error("--comfyui needs --comfyui-python (the interpreter of ComfyUI's venv)")
