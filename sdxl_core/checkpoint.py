@@ -396,7 +396,7 @@ def load_part(
     unless bf16 was asked for). A network holding tensors narrower than that computes through
     `ops.manual_cast` layers, which gives the same bits as storing it in `compute_dtype`.
     drop_cache: drop the file's page cache for this network's bytes once it is read (None: only when
-    the machine's free memory is below the network's size, see `_cache_competes`).
+    memory is short, see `_cache_competes`).
     """
     cfg, shapes = inspected or inspect_checkpoint(path)
     if part not in _prefixes(cfg):
@@ -418,38 +418,16 @@ def load_part(
 
 
 def _cache_competes(nbytes: int) -> bool:
-    """True when less memory than `nbytes` is free (page cache not counted as free): the file's cached
-    pages then push out memory the networks need, so dropping them helps. With memory to spare the
-    cache is kept: reading a network again from it is about twice as fast as from disk."""
+    """True when memory is short: less than twice `nbytes` available (free plus reclaimable cache). The
+    file's cached pages of a network now held in memory of its own are then a duplicate standing in
+    the way of the next load, so dropping them helps. Otherwise the cache is kept: reading a network
+    again (the next run, a re-load after eviction) is then about twice as fast as from disk."""
     try:
         import psutil
 
-        return psutil.virtual_memory().free < nbytes
+        return psutil.virtual_memory().available < 2 * nbytes
     except ImportError:  # pragma: no cover - psutil is a dependency
         return False
-
-
-def part_nbytes(
-    path: str | os.PathLike, part: str, dtype: torch.dtype | None, inspected: tuple[SDXLConfig, dict] | None = None,
-) -> int:
-    """Bytes the network `part` takes once loaded with storage `dtype` (None: as the file stores each
-    tensor; dtypes from the header; a diffusers folder, whose dtypes are not read here, counts fp32)."""
-    from .diffusers_folder import is_diffusers_folder
-
-    cfg, shapes = inspected or inspect_checkpoint(path)
-    keys = split_keys(shapes, cfg)[0].get(part, [])
-    if is_diffusers_folder(path):
-        file_dtypes = dict.fromkeys(keys, torch.float32)
-    else:
-        with TensorFile(path) as f:
-            file_dtypes = {k: f.dtype(k) for k in keys}
-    total = 0
-    for k in keys:
-        numel = 1
-        for n in shapes[k]:
-            numel *= n
-        total += numel * storage_dtype(file_dtypes[k], dtype).itemsize
-    return total
 
 
 def load_checkpoint(

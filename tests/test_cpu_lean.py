@@ -172,7 +172,6 @@ def _mapped(path: Path) -> bool:
     return str(path.resolve()) in Path("/proc/self/maps").read_text()
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_loaded_network_holds_no_file_pages(fp16_base):
     """Stored in the file's dtype, a network must still not live in the file's memory map (pages counted in
     RSS on top of the page cache, pinned while the network lives). Catches: tensors taken from safe_open."""
@@ -261,3 +260,30 @@ def test_part_nbytes_counts_the_stored_dtype(fp16_base, tiny_checkpoints):
     assert checkpoint.part_nbytes(fp16_base, "unet", torch.float32) == 4 * n
     assert checkpoint.part_nbytes(tiny_checkpoints["base"], "unet", None) == 4 * n  # an fp32 file stays fp32
     assert checkpoint.part_nbytes(tiny_checkpoints["base"], "unet", torch.bfloat16) == 2 * n
+
+
+def test_page_cache_dropped_only_when_asked_or_short(fp16_base, monkeypatch):
+    """DONTNEED covers exactly the network's bytes, and is sent when asked or when memory is short, never
+    otherwise (a kept cache makes the next read twice as fast). Catches: dropping the whole file, or always."""
+    import psutil
+
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
+    with checkpoint.TensorFile(fp16_base) as f:
+        cfg, shapes = checkpoint.inspect_checkpoint(fp16_base)
+        keys = checkpoint.split_keys(shapes, cfg)[0]["vae"]
+        spans = [f._span(k) for k in keys]
+    want = (min(b for b, _ in spans), max(e for _, e in spans) - min(b for b, _ in spans), os.POSIX_FADV_DONTNEED)
+    checkpoint.load_part(fp16_base, "vae", dtype=None, drop_cache=False)
+    assert calls == []
+    checkpoint.load_part(fp16_base, "vae", dtype=None, drop_cache=True)
+    assert calls == [want]
+    calls.clear()
+    plenty = psutil.virtual_memory()._replace(available=1 << 40)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: plenty)
+    checkpoint.load_part(fp16_base, "vae", dtype=None)
+    assert calls == []
+    short = plenty._replace(available=1000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: short)
+    checkpoint.load_part(fp16_base, "vae", dtype=None)
+    assert calls == [want]
