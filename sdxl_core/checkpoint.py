@@ -430,6 +430,29 @@ def _cache_competes(nbytes: int) -> bool:
         return False
 
 
+def part_nbytes(
+    path: str | os.PathLike, part: str, dtype: torch.dtype | None, inspected: tuple[SDXLConfig, dict] | None = None,
+) -> int:
+    """Bytes the network `part` takes once loaded with storage `dtype` (None: as the file stores each
+    tensor; dtypes from the header; a diffusers folder, whose dtypes are not read here, counts fp32)."""
+    from .diffusers_folder import is_diffusers_folder
+
+    cfg, shapes = inspected or inspect_checkpoint(path)
+    keys = split_keys(shapes, cfg)[0].get(part, [])
+    if is_diffusers_folder(path):
+        file_dtypes = dict.fromkeys(keys, torch.float32)
+    else:
+        with TensorFile(path) as f:
+            file_dtypes = {k: f.dtype(k) for k in keys}
+    total = 0
+    for k in keys:
+        numel = 1
+        for n in shapes[k]:
+            numel *= n
+        total += numel * storage_dtype(file_dtypes[k], dtype).itemsize
+    return total
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
