@@ -8,6 +8,12 @@ and prints wall time, peak RSS and the time spent inside vs outside the UNet.
     python benchmarks/bench_workflow.py --stock --tiny --dir /tmp/sdxl-bench-tiny --size 256 --steps 25
         # ComfyUI's official SDXL example graph (core node ids) vs the same graph in our nodes, fresh
         # processes each; add no --tiny for full-size random weights (run under flock /tmp/sdxl-heavy.lock)
+    flock /tmp/sdxl-heavy.lock python benchmarks/bench_workflow.py --dir /tmp/sdxl-bench --size 256 --steps 2 \
+        --comfyui /tmp/comfyui-run --comfyui-python /tmp/comfyui-venv/bin/python
+        # ComfyUI's default base graph, whole process each, alternating: `sdxl-nodes run` with our default CPU
+        # settings vs ComfyUI's server (`main.py --cpu`, its defaults) given the same API prompt over HTTP
+    flock /tmp/sdxl-heavy.lock python benchmarks/bench_workflow.py --dir /tmp/sdxl-bench --size 256 --steps 2 \
+        --dtype-pixels   # ours: default vs --dtype fp32 vs --dtype bf16, pixels against fp32
 """
 
 from __future__ import annotations
@@ -152,6 +158,190 @@ def stock(args) -> None:
           f"{med['official'][1] / med['ours'][1]:.3f}× | {'identical' if len(same) == 1 else 'DIFFERENT'} |")
 
 
+# ------------------------------------------------------------------------------------------------
+# --comfyui: the base graph, whole process, `sdxl-nodes run` vs ComfyUI's own server
+
+
+def _base_prompt(size: int, steps: int) -> dict:
+    """ComfyUI's default graph (its front page) on the SDXL base, in core node ids: both tools run it as is."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {
+            "text": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 156680208700286, "steps": steps, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }
+
+
+def _wait_rusage(proc) -> float:
+    """Reap `proc` and return its peak RSS in GiB (ru_maxrss of that process: KiB on Linux)."""
+    import os
+
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024**2
+
+
+def _run_ours(args, prompt_file: Path, out: Path, extra: list[str]) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sdxl_nodes.runtime.cli", "run", str(prompt_file), "--models-dir",
+           str(args.dir / "models"), "--output-dir", str(out), "--quiet", *extra]
+    with open(out / "log.txt", "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rss = _wait_rusage(proc)
+        wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"ours failed ({proc.returncode}): see {out / 'log.txt'}")
+    return {"wall": wall, "rss": rss, "ready": float("nan")}
+
+
+def _run_comfyui(args, prompt: dict, out: Path) -> dict:
+    """Start ComfyUI's server on a free port, queue `prompt`, poll /history until it is done; whole process
+    time from the start of the interpreter to the finished prompt (its shutdown is not counted)."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (out / "user").mkdir(exist_ok=True)  # --user-directory must exist
+    paths = out / "extra_model_paths.yaml"
+    paths.write_text(f"bench:\n    base_path: {args.dir / 'models'}\n    checkpoints: checkpoints\n")
+    cmd = [str(args.comfyui_python), str(args.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
+           str(port), "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--output-directory",
+           str(out), "--temp-directory", str(out / "temp"), "--user-directory", str(out / "user"),
+           "--extra-model-paths-config", str(paths), *args.comfyui_arg]
+    url = f"http://127.0.0.1:{port}"
+    with open(out / "log.txt", "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=args.comfyui)
+        try:
+            while True:  # 1. wait for the server
+                if proc.poll() is not None:
+                    raise SystemExit(f"ComfyUI exited ({proc.returncode}) before serving: see {out / 'log.txt'}")
+                try:
+                    urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            ready = time.perf_counter() - t0
+            body = json.dumps({"prompt": prompt, "client_id": "bench"}).encode()
+            req = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+            prompt_id = json.loads(urllib.request.urlopen(req, timeout=30).read())["prompt_id"]
+            while True:  # 2. wait for the prompt
+                hist = json.loads(urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30).read())
+                status = hist.get(prompt_id, {}).get("status", {})
+                if status.get("completed") or status.get("status_str") == "error":
+                    break
+                if proc.poll() is not None:
+                    raise SystemExit(f"ComfyUI exited ({proc.returncode}) mid-prompt: see {out / 'log.txt'}")
+                time.sleep(0.05)
+            wall = time.perf_counter() - t0
+            if status.get("status_str") != "success":
+                raise SystemExit(f"ComfyUI's prompt failed: {json.dumps(status)[:2000]}")
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        rss = _wait_rusage(proc) if proc.returncode is None else float("nan")
+    return {"wall": wall, "rss": rss, "ready": ready}
+
+
+def _pixels(folder: Path):
+    import numpy as np
+    from PIL import Image
+
+    newest = max(folder.glob("bench_*.png"), key=lambda p: p.stat().st_mtime)
+    with Image.open(newest) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def comfyui(args) -> None:
+    """Alternate fresh processes: ours (`sdxl-nodes run`, default CPU settings unless --ours-arg) and ComfyUI
+    (its server with `--cpu` and its defaults); table of medians, the ratio and the pixel difference."""
+    import json
+    import shutil
+    import statistics
+
+    models = args.dir / "models" / "checkpoints"
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / "sd_xl_base_1.0.safetensors").exists():
+        from sdxl_nodes.sdxl_core.checkpoint import write_random_checkpoint
+        from sdxl_nodes.sdxl_core.config import BASE
+
+        write_random_checkpoint(models / "sd_xl_base_1.0.safetensors", BASE, seed=0, dtype=torch.float16)
+    prompt = _base_prompt(args.size, args.steps)
+    runs: dict[str, list[dict]] = {"ours": [], "comfyui": []}
+    images = {}
+    for i in range(args.repeats):
+        for who in (("comfyui", "ours") if i % 2 else ("ours", "comfyui")):
+            out = args.dir / f"bench-{who}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            if who == "ours":
+                (out / "prompt.json").write_text(json.dumps(prompt))
+                r = _run_ours(args, out / "prompt.json", out, args.ours_arg)
+            else:
+                r = _run_comfyui(args, prompt, out)
+            images[who] = _pixels(out)
+            runs[who].append(r)
+            print(f"  run {i + 1} {who}: wall {r['wall']:.1f} s, peak RSS {r['rss']:.2f} GiB", flush=True)
+    diff = abs(images["ours"] - images["comfyui"])
+    print(f"full-size random base, ComfyUI's default graph, {args.size}², {args.steps} steps, euler/normal, cfg 8; "
+          f"{torch.get_num_threads()} threads; whole process each, {args.repeats} alternating runs; "
+          f"ours: sdxl-nodes run {' '.join(args.ours_arg) or '(defaults)'}; "
+          f"ComfyUI: main.py --cpu {' '.join(args.comfyui_arg) or '(defaults)'}")
+    print("| | wall (median) | wall (min–max) | ComfyUI server ready | peak RSS (median) |\n|---|---|---|---|---|")
+    med = {}
+    for who, label in (("ours", "ours"), ("comfyui", "ComfyUI")):
+        walls, rss = [r["wall"] for r in runs[who]], [r["rss"] for r in runs[who]]
+        med[who] = (statistics.median(walls), statistics.median(rss))
+        ready = statistics.median(r["ready"] for r in runs[who])
+        print(f"| {label} | {med[who][0]:.1f} s | {min(walls):.1f}–{max(walls):.1f} s | "
+              f"{'' if ready != ready else f'{ready:.1f} s'} | {med[who][1]:.2f} GiB |")
+    print(f"| ours / ComfyUI | **{med['ours'][0] / med['comfyui'][0]:.2f}×** | | | "
+          f"**{med['ours'][1] / med['comfyui'][1]:.2f}×** |")
+    print(f"pixels (last run of each): max |Δ| {int(diff.max())} levels of 255, "
+          f"{(diff > 0).mean() * 100:.3f} % of values differ")
+
+
+def dtype_pixels(args) -> None:
+    """Ours on the base graph with the default CPU settings, --dtype fp32 and --dtype bf16 (fresh processes):
+    wall, peak RSS and each image's difference from the fp32 one."""
+    import json
+    import shutil
+
+    models = args.dir / "models" / "checkpoints"
+    if not (models / "sd_xl_base_1.0.safetensors").exists():
+        raise SystemExit(f"no {models / 'sd_xl_base_1.0.safetensors'}: run --comfyui once, or write it")
+    prompt = _base_prompt(args.size, args.steps)
+    rows = {}
+    for label, extra in (("fp32", ["--dtype", "fp32", "--vae-dtype", "fp32"]), ("default", []),
+                         ("bf16", ["--dtype", "bf16", "--vae-dtype", "bf16"])):
+        out = args.dir / f"bench-dtype-{label}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        (out / "prompt.json").write_text(json.dumps(prompt))
+        r = _run_ours(args, out / "prompt.json", out, extra)
+        rows[label] = (r, _pixels(out), " ".join(extra) or "(default)")
+    ref = rows["fp32"][1]
+    print(f"full-size random base, ComfyUI's default graph, {args.size}², {args.steps} steps; whole process each")
+    print("| sdxl-nodes run | wall | peak RSS | max abs diff vs fp32 (of 255) | values differing |\n|---|---|---|---|---|")
+    for _label, (r, px, flags) in rows.items():
+        d = abs(px - ref)
+        print(f"| {flags} | {r['wall']:.1f} s | {r['rss']:.2f} GiB | {int(d.max())} | {(d > 0).mean() * 100:.3f} % |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdxl-bench"))
@@ -162,7 +352,20 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="--stock on tiny random checkpoints")
     ap.add_argument("--repeats", type=int, default=3, help="--stock: fresh processes per graph")
     ap.add_argument("--stock-child", choices=["official", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--comfyui", type=Path, help="a ComfyUI checkout: the base graph, ours vs its server")
+    ap.add_argument("--comfyui-python", type=Path, help="--comfyui: the python of ComfyUI's environment")
+    ap.add_argument("--comfyui-arg", action="append", default=[], help="--comfyui: extra ComfyUI flag (repeatable)")
+    ap.add_argument("--ours-arg", action="append", default=[], help="--comfyui: extra `sdxl-nodes run` flag "
+                    "(repeatable), e.g. --ours-arg=--dtype --ours-arg=bf16")
+    ap.add_argument("--dtype-pixels", action="store_true", help="ours on the base graph: default, fp32 and bf16, "
+                    "pixels vs fp32")
     args = ap.parse_args()
+    if args.dtype_pixels:
+        return dtype_pixels(args)
+    if args.comfyui:
+        if not args.comfyui_python:
+            ap.error("--comfyui needs --comfyui-python (the interpreter of ComfyUI's venv)")
+        return comfyui(args)
     if args.stock_child:
         return _stock_child(args)
     if args.stock:

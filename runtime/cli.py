@@ -488,9 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on CUDA, start reading each checkpoint's UNet in the background as soon as its "
                              "loader runs (helps on slow disks; with the files in the page cache it was slower)")
         sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                        help="UNet and text encoder precision (default: fp32 on CPU, fp16 on CUDA)")
+                        help="UNet and text encoder precision (default on CPU: kept as the file stores it, "
+                        "computed in fp32, the pixels of fp32 at half the memory; on CUDA: fp16)")
         sp.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None,
-                        help="VAE precision (default: fp32 on CPU, bf16 on CUDA; never fp16, which gives NaNs)")
+                        help="VAE precision (default on CPU: as stored, computed in fp32; bf16 on CUDA; never "
+                        "fp16, which gives NaNs)")
 
     def limit(sp):
         sp.add_argument("--limit", action="append", metavar="NAME=VALUE", help="change one limit of runtime/limits.py, "

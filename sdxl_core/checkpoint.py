@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import clip
+from . import clip, ops
 from .config import BASE, REFINER, TINY_BASE, TINY_REFINER, SDXLConfig, VAEConfig
 from .errors import CheckpointError
 from .unet import UNetModel
@@ -114,14 +114,111 @@ def _check_file(path: Path) -> None:
     raise CheckpointError(f"{path}: not a safetensors file (its first bytes are not a safetensors header)")
 
 
+# safetensors dtype names (the format's spec) → torch
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class TensorFile:
+    """A safetensors file read with plain reads into fresh (anonymous) memory, one tensor at a time.
+
+    Tensors from a memory map (safetensors' `safe_open`) live in the file's pages: a network kept in
+    the file's dtype would stay in file-backed memory, counted in the process's RSS on top of the copy
+    a conversion makes, and pinned for as long as any tensor is alive. Reading into tensors of our own
+    leaves nothing mapped. `drop_cache(keys)` tells the kernel the pages of those tensors are not needed
+    again (posix_fadvise DONTNEED), for when the page cache competes with the networks for memory.
+    The header was checked by `read_shapes` (safetensors itself); offsets are checked again here.
+    """
+
+    anonymous = True  # get_tensor never returns a view of a shared buffer
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()/__exit__
+        try:
+            n = int.from_bytes(self._fh.read(8), "little")
+            self._header = json.loads(self._fh.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            self._fh.close()
+            raise CheckpointError(f"{self.path}: cannot read its safetensors header: {e}") from e
+        self._header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._size = os.fstat(self._fh.fileno()).st_size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def keys(self):
+        return self._header.keys()
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self._header[key]["dtype"]]
+
+    def _span(self, key: str) -> tuple[int, int]:
+        begin, end = self._header[key]["data_offsets"]
+        return self._base + begin, self._base + end
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has dtype {info['dtype']}, which sdxl-nodes cannot read")
+        t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        begin, end = self._span(key)
+        if end - begin != t.numel() * t.element_size() or end > self._size:
+            raise CheckpointError(f"{self.path}: tensor {key}: its data offsets [{begin}, {end}) do not fit its "
+                                  f"shape {info['shape']} or the file ({self._size} bytes); the file is damaged")
+        if t.numel():
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) over t's own memory
+            self._fh.seek(begin)
+            while view.nbytes:
+                got = self._fh.readinto(view)  # Linux reads at most ~2 GiB per call: loop
+                if not got:
+                    raise CheckpointError(f"{self.path}: ends inside tensor {key} (truncated file)")
+                view = view[got:]
+        return t
+
+    def drop_cache(self, keys) -> None:
+        """Drop the page cache of these tensors' bytes (POSIX only; elsewhere nothing happens)."""
+        spans = [self._span(k) for k in keys]
+        if spans and hasattr(os, "posix_fadvise"):
+            lo, hi = min(b for b, _ in spans), max(e for _, e in spans)
+            os.posix_fadvise(self._fh.fileno(), lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+
 def open_weights(path: str | os.PathLike):
-    """A context manager with `keys()` and `get_tensor(key)` in SGM names: a memory-mapped safetensors
-    file, or a diffusers-format folder seen through diffusers_folder.py."""
+    """A context manager with `keys()` and `get_tensor(key)` in SGM names: a safetensors file read into
+    fresh memory (`TensorFile`), or a diffusers-format folder seen through diffusers_folder.py."""
     from .diffusers_folder import DiffusersFolder, is_diffusers_folder
 
     if is_diffusers_folder(path):
         return DiffusersFolder(path)
-    return safe_open(str(path), framework="pt", device="cpu")
+    return TensorFile(path)
+
+
+def storage_dtype(file_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is kept in: `dtype`, or the file's own when `dtype` is None (never rounded
+    down silently); integer tensors (CLIP's position_ids) always keep theirs."""
+    if dtype is None or not file_dtype.is_floating_point:
+        return file_dtype
+    return dtype
+
+
+def _as_stored(f, key: str, device, dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor of an open file in its storage dtype on `device`, in memory of its own."""
+    t = f.get_tensor(key)
+    target = storage_dtype(t.dtype, dtype)
+    if getattr(f, "anonymous", False):
+        return t.to(device=device, dtype=target)  # the same tensor when nothing changes: already ours
+    return t.to(device=device, dtype=target, copy=True)  # never keep a view of a memory map
 
 
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -287,13 +384,24 @@ def load_part(
     part: str,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     inspected: tuple[SDXLConfig, dict] | None = None,
+    drop_cache: bool | None = None,
 ) -> nn.Module:
-    """Load one network ('unet', 'vae', 'clip_l' or 'clip_g') of a checkpoint, strictly checked."""
+    """Load one network ('unet', 'vae', 'clip_l' or 'clip_g') of a checkpoint, strictly checked.
+
+    dtype: the storage dtype of its floating-point tensors; None keeps each as the file stores it.
+    compute_dtype: what it computes in (default `ops.compute_dtype(device, dtype)`: fp32 on the CPU
+    unless bf16 was asked for). A network holding tensors narrower than that computes through
+    `ops.manual_cast` layers, which gives the same bits as storing it in `compute_dtype`.
+    drop_cache: drop the file's page cache for this network's bytes once it is read (None: only when
+    memory is short, see `_cache_competes`).
+    """
     cfg, shapes = inspected or inspect_checkpoint(path)
     if part not in _prefixes(cfg):
         raise CheckpointError(f"{path}: an SDXL {cfg.kind} checkpoint has no {part}")
+    compute = compute_dtype or ops.compute_dtype(device, dtype)
     module = build_modules(cfg)[part]
     prefix = _prefixes(cfg)[part]
     groups, _ = split_keys(shapes, cfg)
@@ -305,17 +413,56 @@ def load_part(
         uploader = PinnedUploader(device)  # through pinned staging buffers: full bus speed, overlapped
     with open_weights(path) as f:
         for key in groups[part]:
-            t = f.get_tensor(key)
             if uploader is not None:
-                t = uploader.upload(t, dtype if t.is_floating_point() else None)
-            elif t.is_floating_point():
-                t = t.to(device=device, dtype=dtype)  # one tensor at a time: never a full fp32 copy
-            rel[key[len(prefix):]] = t
+                t = f.get_tensor(key)
+                target = storage_dtype(t.dtype, dtype) if t.is_floating_point() else None
+                rel[key[len(prefix):]] = uploader.upload(t, target)
+            else:
+                rel[key[len(prefix):]] = _as_stored(f, key, device, dtype)  # one tensor at a time
+        nbytes = sum(t.numel() * t.element_size() for t in rel.values())
+        if hasattr(f, "drop_cache") and (drop_cache or (drop_cache is None and _cache_competes(nbytes))):
+            f.drop_cache(groups[part])
     if uploader is not None:
         uploader.finish()
     module.load_state_dict(_to_module_keys(part, rel, module), strict=True, assign=True)
     _materialize_buffers(module, device)
-    return module
+    return ops.for_compute(module, compute)
+
+
+def _cache_competes(nbytes: int) -> bool:
+    """True when memory is short: less than twice `nbytes` available (free plus reclaimable cache). The
+    file's cached pages of a network now held in memory of its own are then a duplicate standing in
+    the way of the next load, so dropping them helps. Otherwise the cache is kept: reading a network
+    again (the next run, a re-load after eviction) is then about twice as fast as from disk."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available < 2 * nbytes
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return False
+
+
+def part_nbytes(
+    path: str | os.PathLike, part: str, dtype: torch.dtype | None, inspected: tuple[SDXLConfig, dict] | None = None,
+) -> int:
+    """Bytes the network `part` takes once loaded with storage `dtype` (None: as the file stores each
+    tensor; dtypes from the header; a diffusers folder, whose dtypes are not read here, counts fp32)."""
+    from .diffusers_folder import is_diffusers_folder
+
+    cfg, shapes = inspected or inspect_checkpoint(path)
+    keys = split_keys(shapes, cfg)[0].get(part, [])
+    if is_diffusers_folder(path):
+        file_dtypes = dict.fromkeys(keys, torch.float32)
+    else:
+        with TensorFile(path) as f:
+            file_dtypes = {k: f.dtype(k) for k in keys}
+    total = 0
+    for k in keys:
+        numel = 1
+        for n in shapes[k]:
+            numel *= n
+        total += numel * storage_dtype(file_dtypes[k], dtype).itemsize
+    return total
 
 
 def load_checkpoint(
@@ -447,7 +594,7 @@ def read_module_tensors(
     module_keys,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     inspected: tuple[SDXLConfig, dict] | None = None,
 ) -> dict[str, torch.Tensor]:
     """These module tensors exactly as `load_part` makes them (same dtype conversion), read one by one
@@ -459,9 +606,7 @@ def read_module_tensors(
     out: dict[str, torch.Tensor] = {}
     with open_weights(path) as f:
         for fk in file_keys_for(part, wanted, cfg):
-            t = f.get_tensor(fk)
-            if t.is_floating_point():
-                t = t.to(device=device, dtype=dtype)
+            t = _as_stored(f, fk, device, dtype)
             for k, v in _to_module_keys(part, {fk[len(prefix):]: t}, module).items():
                 if k in wanted:
                     out[k] = v
@@ -565,21 +710,19 @@ def load_vae_file(
     path: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     inspected: tuple[VAEFile, dict] | None = None,
 ) -> AutoencoderKL:
-    """Load a standalone VAE file (either layout), strictly checked, each tensor read memory-mapped."""
+    """Load a standalone VAE file (either layout), strictly checked; dtypes as in `load_part`."""
     info, shapes = inspected or inspect_vae(path)
+    compute = compute_dtype or ops.compute_dtype(device, dtype)
     with torch.device("meta"):
         module = AutoencoderKL(info.vae).eval().requires_grad_(False)
     rel = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with TensorFile(path) as f:
         for key in shapes:
-            if key.startswith("loss."):
-                continue
-            t = f.get_tensor(key)
-            if t.is_floating_point():
-                t = t.to(device=device, dtype=dtype)
-            rel[key[len(info.prefix):]] = t
+            if not key.startswith("loss."):
+                rel[key[len(info.prefix):]] = _as_stored(f, key, device, dtype)
     module.load_state_dict(_vae_file_to_sgm(rel, info.layout, info.vae), strict=True, assign=True)
-    return module
+    return ops.for_compute(module, compute)

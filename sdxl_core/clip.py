@@ -10,9 +10,12 @@ a strict table: q/k/v are the row blocks of `attn.in_proj_*`, and `text_projecti
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+if TYPE_CHECKING:  # transformers costs seconds to import: loaded when an encoder is first built
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .config import BOS_TOKEN, EOS_TOKEN, TextEncoderConfig
 from .errors import CheckpointError
@@ -24,6 +27,8 @@ _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
 
 def hf_config(cfg: TextEncoderConfig) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
     return CLIPTextConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.width,
@@ -42,6 +47,8 @@ def hf_config(cfg: TextEncoderConfig) -> CLIPTextConfig:
 
 def build_text_encoder(cfg: TextEncoderConfig) -> CLIPTextModel | CLIPTextModelWithProjection:
     """An uninitialised encoder (build it under `torch.device("meta")` and fill it with the loader)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     config = hf_config(cfg)
     config._attn_implementation = "sdpa"
     cls = CLIPTextModelWithProjection if cfg.projection_dim else CLIPTextModel

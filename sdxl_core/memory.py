@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, ops
 from .config import SDXLConfig
 from .errors import SDXLError
 
@@ -78,7 +78,16 @@ HOST = torch.device("cpu")
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """Device and precision policy. dtypes left as None take the device's default (`resolved`)."""
+    """Device and precision policy: per network a storage dtype (what its weights are kept in) and a
+    compute dtype (what its layers run in; `compute_dtype_for`).
+
+    dtypes left as None take the device's default (`resolved`):
+    - CPU: None stays None = each tensor kept as the file stores it (SDXL releases: fp16), computed in
+      fp32 through ops.manual_cast layers: the pixels of an fp32 run at half its memory. An fp32 file
+      stays fp32 (never rounded down unasked). `fp32` stores and computes in fp32, `bf16` stores and
+      computes in bf16 (faster, not exact), `fp16` rounds to fp16 and computes in fp32.
+    - CUDA: fp16 storage and compute for UNet and text encoders; VAE bf16 where supported, else fp32.
+    """
 
     device: str = "cpu"
     unet_dtype: torch.dtype | None = None
@@ -110,8 +119,9 @@ class RuntimeOptions:
             half = torch.float16
             vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32  # never fp16: NaNs
         else:
-            # ComfyUI computes in fp32 on the CPU; bf16 halves memory at some cost in exactness.
-            half = vae = torch.float32
+            # ComfyUI computes in fp32 on the CPU; storing as the file does and computing in fp32 (ops.py)
+            # gives the same bits at half the memory. bf16 halves memory at some cost in exactness.
+            half = vae = None
         return RuntimeOptions(
             device=str(dev),
             unet_dtype=self.unet_dtype or half,
@@ -123,9 +133,14 @@ class RuntimeOptions:
             prefetch_unet=self.prefetch_unet,
         )
 
-    def dtype_for(self, part: str) -> torch.dtype:
+    def dtype_for(self, part: str) -> torch.dtype | None:
+        """Storage dtype of a network ('unet', 'vae', 'clip_l', 'clip_g'); None: as the file stores it."""
         r = self.resolved()
         return {"unet": r.unet_dtype, "vae": r.vae_dtype}.get(part, r.text_dtype)
+
+    def compute_dtype_for(self, part: str) -> torch.dtype:
+        """The dtype a network computes in (ops.compute_dtype of its storage dtype on this device)."""
+        return ops.compute_dtype(self.resolved().device, self.dtype_for(part))
 
 
 # Fields the manager reads from the options it was given, whatever `resolved()` copies over.

@@ -150,6 +150,8 @@ class CFGDenoiser:
 
     def __init__(self, unet, positive, negative, cfg: float, dtype=None, *, should_stop=None,
                  max_batch: int = UNET_MAX_BATCH, job_rows: int | None = None):
+        if dtype is None and isinstance(getattr(unet, "dtype", None), torch.dtype):
+            dtype = unet.dtype  # the compute dtype: fp32 for fp16 weights run through ops.manual_cast
         if dtype is None:
             params = getattr(unet, "parameters", None)
             first = next(iter(params()), None) if callable(params) else None

@@ -24,9 +24,9 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ..paths import inside
 from .accel import sdpa_backends
@@ -35,6 +35,9 @@ from .errors import ConditioningError
 from .prompt import EMBEDDING_PREFIX, PromptTooLong, TokenChunk, empty_chunk, tokenize_prompt
 from .tokenizer import CLIPBPETokenizer
 from .types import TextEmbedding
+
+if TYPE_CHECKING:  # imported where used: transformers costs seconds at start-up
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +248,8 @@ def _encode_stream(
         z = out.last_hidden_state.float()
     else:
         z = out.hidden_states[layer].float()  # (k [+1], 77, D): output of that block, no LN
+    from transformers import CLIPTextModelWithProjection
+
     pooled = out.text_embeds[:1].float() if isinstance(model, CLIPTextModelWithProjection) else None
     if weighted:
         z, z_empty = z[:-1], z[-1:]

@@ -215,7 +215,8 @@ class UNetModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.out[2].weight.dtype
+        """The dtype it computes in: its weights', or the one ops.manual_cast set."""
+        return getattr(self, "compute_dtype", None) or self.out[2].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype

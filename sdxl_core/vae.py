@@ -160,7 +160,8 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        """The dtype it computes in: its weights', or the one ops.manual_cast set."""
+        return getattr(self, "compute_dtype", None) or self.quant_conv.weight.dtype
 
     def encode(self, pixels: torch.Tensor, should_stop=None) -> torch.Tensor:
         with sdpa_backends(self.quant_conv.weight.device):

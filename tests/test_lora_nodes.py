@@ -200,4 +200,5 @@ def test_vae_file_errors_and_fp16_fix_detection(env, tiny_checkpoints, tmp_path)
     assert not checkpoint.inspect_vae(folder / "diffusion_pytorch_model.safetensors")[0].fp16_fix
     # the CPU never runs a VAE in fp16, fp16-fix or not
     info, _ = checkpoint.inspect_vae(vae_dir / "sdxl-vae-fp16-fix.safetensors")
-    assert env.manager.vae_dtype(info) == torch.float32
+    from sdxl_nodes.sdxl_core.ops import compute_dtype  # stored as the file is, computed in fp32
+    assert compute_dtype(env.manager.options.device, env.manager.vae_dtype(info)) == torch.float32

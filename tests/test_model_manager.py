@@ -188,9 +188,10 @@ def test_unload_all_and_evict(tiny_checkpoints):
 
 def test_runtime_options_dtypes(tiny_checkpoints):
     r = RuntimeOptions().resolved()
-    assert (r.device, r.unet_dtype, r.text_dtype, r.vae_dtype) == ("cpu", torch.float32, torch.float32, torch.float32)
+    assert (r.device, r.unet_dtype, r.text_dtype, r.vae_dtype) == ("cpu", None, None, None)  # as in the file
+    assert {r.compute_dtype_for(p) for p in ("unet", "clip_l", "clip_g", "vae")} == {torch.float32}
     opts = RuntimeOptions(unet_dtype=torch.bfloat16)
-    assert opts.dtype_for("unet") == torch.bfloat16 and opts.dtype_for("clip_g") == torch.float32
+    assert opts.dtype_for("unet") == torch.bfloat16 and opts.dtype_for("clip_g") is None
     m = ModelManager(opts)
     assert next(m.get(tiny_checkpoints["base"], "unet").parameters()).dtype == torch.bfloat16
     assert next(m.get(tiny_checkpoints["base"], "vae").parameters()).dtype == torch.float32
