@@ -271,13 +271,7 @@ class ComfyUIModelManager(ModelManager):
                 return os.stat(path).st_size * BYTES_PER.get(dtype, 4) // 2
             except OSError:
                 return 0
-        n = 0
-        for k in checkpoint.split_keys(shapes, cfg)[0].get(part, []):
-            numel = 1
-            for s in shapes[k]:
-                numel *= s
-            n += numel
-        return n * BYTES_PER.get(dtype, 4)
+        return checkpoint.part_nbytes(path, part, dtype, (cfg, shapes))
 
     def _register(self) -> None:
         models = self._mm.current_loaded_models

@@ -484,18 +484,12 @@ class ModelManager:
                 path, device=device, dtype=dtype, inspected=vae_file)
         cfg, shapes = self.inspect(path)
         dtype = self.options.dtype_for(part)
-        return self._estimate_bytes(cfg, shapes, part, dtype), lambda device: checkpoint.load_part(
-            path, part, device=device, dtype=dtype, inspected=(cfg, shapes))
-
-    def _estimate_bytes(self, cfg, shapes, part, dtype) -> int:
-        groups, _ = checkpoint.split_keys(shapes, cfg)
-        n = 0
-        for k in groups.get(part, []):
-            numel = 1
-            for s in shapes[k]:
-                numel *= s
-            n += numel
-        return n * BYTES_PER.get(dtype, 4)
+        # computing as on the manager's device even when read into host RAM first (a prefetch on CUDA):
+        # the module is built for where it will run
+        compute = self.options.compute_dtype_for(part)
+        nbytes = checkpoint.part_nbytes(path, part, dtype, (cfg, shapes))  # dtype None: the file's own sizes
+        return nbytes, lambda device: checkpoint.load_part(
+            path, part, device=device, dtype=dtype, compute_dtype=compute, inspected=(cfg, shapes))
 
     # -- networks --------------------------------------------------------------------------------
     def get(self, path: str | os.PathLike, part: str, patches: tuple = ()) -> nn.Module:
