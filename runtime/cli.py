@@ -93,13 +93,8 @@ def build_environment(args):
     from ..nodes.environment import configure
     from ..sdxl_core.memory import DTYPES, RuntimeOptions
 
-    device = getattr(args, "device", "auto") or "auto"
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     options = RuntimeOptions(
-        device=device,
+        device=getattr(args, "device", "auto") or "auto",  # "auto": resolved by RuntimeOptions (GPU if any)
         compile=getattr(args, "compile", None),
         prefetch_unet=bool(getattr(args, "prefetch_unet", False)),
         unet_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,

@@ -89,7 +89,7 @@ class RuntimeOptions:
     - CUDA: fp16 storage and compute for UNet and text encoders; VAE bf16 where supported, else fp32.
     """
 
-    device: str = "cpu"
+    device: str = "cpu"  # or "cuda", "cuda:N", "auto" (the GPU when there is one; see `resolved`)
     unet_dtype: torch.dtype | None = None
     text_dtype: torch.dtype | None = None
     vae_dtype: torch.dtype | None = None
@@ -112,7 +112,7 @@ class RuntimeOptions:
     pin_memory: bool = True
 
     def resolved(self) -> RuntimeOptions:
-        dev = torch.device(self.device)
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise SDXLError(f"device '{self.device}' requested but CUDA is not available; use --device cpu")
