@@ -30,6 +30,21 @@ def tiny_refiner(tiny_checkpoints):
     return load_checkpoint(tiny_checkpoints["refiner"])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sigint_not_ignored():
+    """Ctrl-C tests need SIGINT delivered. A suite started in the background by a non-interactive shell
+    (`cmd &`, nohup) inherits SIGINT ignored, which our CLI rightly respects and every child process inherits;
+    give the test process Python's usual handler, so the children start with the default disposition."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(autouse=True)
 def _no_environment_leaks():
     """Each test starts with no current node environment; one a test sets (configure/use) ends with it.
