@@ -110,6 +110,9 @@ def worker_settings(args) -> dict:
             "dtype": args.dtype, "vae_dtype": args.vae_dtype, "compile": getattr(args, "compile", None)}
 
 
+CLIENT_SERVER_RETRIES = 2  # a head's per-client server sometimes dies as it starts (a fork beside gRPC threads)
+
+
 def connect(ray, address: str) -> None:
     if ray.is_initialized():
         return
@@ -117,8 +120,20 @@ def connect(ray, address: str) -> None:
         if address == "local":
             # "local": always a new cluster of our own, never one a `ray start` left on this machine
             ray.init(address="local", namespace=NAMESPACE, log_to_driver=False)
-        else:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            return
+        for attempt in range(CLIENT_SERVER_RETRIES + 1):
+            try:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+                return
+            except (ConnectionError, RuntimeError) as e:
+                # seen with Ray 2.60: "Starting Ray client server failed" on a healthy head; the next try works
+                if "client server failed" not in str(e) or attempt == CLIENT_SERVER_RETRIES:
+                    raise
+                log.warning("--ray %s: the head could not start a client server for us (%s); trying again",
+                            address, str(e).strip().splitlines()[-1][:200])
+                shutdown = getattr(ray, "shutdown", None)
+                if shutdown is not None:
+                    shutdown()  # leave no half-made client connection behind the next try
     except (ConnectionError, RuntimeError, ValueError) as e:
         hint = ""
         if not os.environ.get("RAY_AUTH_MODE") and address != "local":

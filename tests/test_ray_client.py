@@ -132,3 +132,31 @@ def test_ctrl_c_during_a_ray_run_then_resume(models_dir, tmp_path):
     assert finished == set(range(1, 9))
     assert len([r for r in final if r["status"] == "done"]) == 8  # each job done exactly once
     assert len(list(out.glob("*.png"))) == 8
+
+
+def test_a_client_server_that_fails_to_start_is_retried(monkeypatch):
+    """Ray's head sometimes loses the per-client server it forks ("Starting Ray client server failed"); the
+    next connection works, so connect() tries again (twice at most) instead of failing the whole run."""
+    from sdxl_nodes.runtime import batch_ray
+    from sdxl_nodes.runtime.cli import CLIError
+
+    class Flaky:
+        def __init__(self, failures):
+            self.failures, self.calls = failures, 0
+
+        def is_initialized(self):
+            return False
+
+        def init(self, **_kwargs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError("Initialization failure from server:\\nRuntimeError: Starting Ray client server "
+                                   "failed. See ray_client_server_23000.err for detailed logs.")
+
+    ok = Flaky(failures=2)
+    batch_ray.connect(ok, "ray://10.0.0.1:10001")
+    assert ok.calls == 3
+    broken = Flaky(failures=3)
+    with pytest.raises(CLIError, match="client server failed"):
+        batch_ray.connect(broken, "ray://10.0.0.1:10001")
+    assert broken.calls == 3
