@@ -255,7 +255,7 @@ class _Run:
             return
         try:
             self.executor.on_event(name, data)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a listener (websocket, progress bar) must never fail the prompt; logged
             log.exception("on_event handler failed for %s", name)
 
     def _ids(self, node_id: str) -> dict:
@@ -281,7 +281,7 @@ class _Run:
         if preview is not None:
             try:
                 mime, data = _encode_preview(preview)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a preview is optional; the step goes on, the error is logged
                 log.exception("could not encode the preview of node %s", node_id)
             else:
                 self.emit("preview", {**self._ids(node_id), "image_type": mime, "image": data})
@@ -350,7 +350,7 @@ class _Run:
         try:
             kwargs = self.call_kwargs(node_id, fn, links_as_none=True)
             value = fn(**kwargs)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a node pack's IS_CHANGED: on any error the node re-runs (ComfyUI too), logged
             log.warning("IS_CHANGED of node %s failed; it will run", node_id, exc_info=True)
             return f"unique:{time.monotonic_ns()}"
         if isinstance(value, float) and math.isnan(value):
