@@ -7,8 +7,9 @@ resident in bf16 on the CPU:
 
 * patch: apply the LoRA (strength 1) through the model manager, as a sampler's `model.load()` does;
 * strength change: strength_model 1.0 → 0.5, i.e. what a re-run costs when only that widget changed
-  (the manager restores the patched tensors from the memory-mapped file and patches again);
-* unpatch: the LoRA node removed (restored bit for bit);
+  (the patched tensors are put back from their undo records — no copy, no checkpoint read — and
+  patched again);
+* unpatch: the LoRA node removed (restored bit for bit, from the undo records);
 * reference, measured in the same run: loading the UNet from the file (what a re-read would cost).
 
 Peak RSS is sampled every 2 ms in a thread (VmRSS); "added" is the peak during a step minus the RSS
@@ -100,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
 
+    from sdxl_nodes.sdxl_core import checkpoint
     from sdxl_nodes.sdxl_core.checkpoint import write_random_checkpoint
     from sdxl_nodes.sdxl_core.config import BASE
     from sdxl_nodes.sdxl_core.memory import ModelManager, RuntimeOptions
@@ -130,6 +132,16 @@ def main() -> None:
     before = {k: unet.state_dict()[k].clone() for k in keys}
 
 
+    reread = []  # tensors read back from the checkpoint to undo a patch (undo records make this 0)
+    read_tensors = checkpoint.read_module_tensors
+
+    def counting(path, part, keys, **kw):
+        keys = list(keys)
+        reread.extend(keys)
+        return read_tensors(path, part, keys, **kw)
+
+    checkpoint.read_module_tensors = counting
+
     with PeakRSS() as read:
         lp = m.lora(lora_path, cfg)
     n_patched = sum(len(d) for d in lp.patches.values())
@@ -140,6 +152,9 @@ def main() -> None:
     changed = [not torch.equal(unet.state_dict()[k], before[k]) for k in keys]
     print(f"after patch: weights changed {changed}, unet patched tensors "
           f"{len(unet._sdxl_patch_state.patched)}", file=sys.stderr)
+    undo_bytes = sum(m.get(ckpt, p)._sdxl_patch_state.undo_nbytes() for p in ("unet", "clip_l", "clip_g"))
+    patched_bytes = sum(t.numel() * t.element_size() for p in ("unet", "clip_l", "clip_g")
+                        for k, t in m.get(ckpt, p).state_dict().items() if k in m.get(ckpt, p)._sdxl_patch_state.patched)
     with PeakRSS() as restrength:
         m.get(ckpt, "unet", ((lp, 0.5),))
     print(f"after strength change: unet patched tensors {len(unet._sdxl_patch_state.patched)}", file=sys.stderr)
@@ -166,7 +181,9 @@ def main() -> None:
         print(f"| {name} | {sec:.2f} | {sec / load.seconds:.2f}× | {added / GiB:.3f} |")
     print(f"\npeak RSS added by the LoRA over the whole cycle: {total_added / GiB:.3f} GiB = "
           f"{total_added / lora_size:.2f}× the LoRA file (goal ≤ 1.05×); unpatched weights bit-identical: {exact}; "
-          f"networks read from disk: {m.loads}")
+          f"networks read from disk: {m.loads}; tensors re-read from the checkpoint to undo: {len(reread)}")
+    print(f"undo records: {undo_bytes / 2**20:.1f} MiB for {patched_bytes / GiB:.2f} GiB of patched weights "
+          f"({100 * undo_bytes / patched_bytes:.2f} %)")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ Semantics follow ComfyUI v0.8 (`comfy/lora.py`, `comfy/weight_adapter/{lora,loha
   LoRA nodes are chained, W32 += (strength · scale) · ΔW computed in float32; then W = W32 cast back
   to the storage dtype. Strength 0 skips that LoRA for that weight (so strength 0 = no LoRA, bit for bit).
 
-The module keeps no backup of its weights: `PatchState` records which weights were patched, and the
-caller restores exactly those from the (memory-mapped) checkpoint before patching anew.
+The module keeps no backup of its weights: `PatchState` records which weights were patched, with a
+small undo record each (section 5) from which the file's values come back bit for bit, so a strength
+change or a removed LoRA neither copies the UNet nor reads the checkpoint again. A LoRA file's tensors
+are views of its mapping, whose pages are handed back after each use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -214,22 +218,34 @@ class Adapter:
         """A plain LoRA (no Tucker mid, no DoRA): ΔW's rows r0:r1 need only up[r0:r1]."""
         return self.kind == "lora" and self.dora_scale is None and "mid" not in self.tensors
 
+    def additive(self) -> bool:
+        """The patch is `W32 += addend` (every kind but DoRA, whose rescaling depends on W itself)."""
+        return self.dora_scale is None
+
+    def addend_rows(self, strength: float, r0: int, r1: int, shape: torch.Size, device) -> torch.Tensor:
+        """What `apply` adds to rows r0:r1 of the weight (float32, `shape` = those rows' shape)."""
+        up = self.tensors["up"][r0:r1].to(device=device, dtype=torch.float32)
+        down = self.tensors["down"].to(device=device, dtype=torch.float32)
+        scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
+        return (strength * scale) * torch.mm(up.flatten(1), down.flatten(1)).reshape(shape)
+
+    def addend(self, strength: float, shape: torch.Size, device) -> torch.Tensor:
+        """What `apply` adds to the whole weight (float32); additive kinds only."""
+        if self.kind == "diff":
+            return strength * self.delta(shape, device)
+        d, scale = self.delta(shape, device)
+        return (strength * scale) * d
+
     def apply_rows(self, w32: torch.Tensor, strength: float, r0: int, r1: int) -> None:
         """`apply` on rows r0:r1 of the weight only (w32 holds just those rows)."""
-        up = self.tensors["up"][r0:r1].to(device=w32.device, dtype=torch.float32)
-        down = self.tensors["down"].to(device=w32.device, dtype=torch.float32)
-        scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
-        w32 += (strength * scale) * torch.mm(up.flatten(1), down.flatten(1)).reshape(w32.shape)
+        w32 += self.addend_rows(strength, r0, r1, w32.shape, w32.device)
 
     def apply(self, w32: torch.Tensor, strength: float) -> torch.Tensor:
         """w32 + strength · scale · ΔW (or DoRA's re-normalised weight); w32 is float32, updated in place."""
-        if self.kind == "diff":
-            w32 += strength * self.delta(w32.shape, w32.device)
+        if self.additive():  # ComfyUI's order: (strength · scale) · ΔW, added in fp32
+            w32 += self.addend(strength, w32.shape, w32.device)
             return w32
         d, scale = self.delta(w32.shape, w32.device)
-        if self.dora_scale is None:
-            w32 += (strength * scale) * d  # ComfyUI's order: (strength · scale) · ΔW, added in fp32
-            return w32
         # DoRA (ComfyUI base.weight_decompose): rescale W + scale·ΔW to the trained magnitude
         m = self.dora_scale.to(device=w32.device, dtype=torch.float32)
         calc = w32 + scale * d
@@ -307,9 +323,15 @@ class LoraPatches:
     patches: dict[str, dict[str, Adapter]]
     unmatched: tuple[str, ...] = ()
     stats: dict = field(default_factory=dict)
+    file: MappedFile | None = None  # the tensors' memory, when they are views of the mapped file
 
     def parts(self) -> set[str]:
         return {p for p, d in self.patches.items() if d}
+
+    def release_pages(self) -> None:
+        """Return the file's pages this process touched (they stay in the page cache; see MappedFile)."""
+        if self.file is not None:
+            self.file.release()
 
 
 _CTX_KEY = re.compile(r"attn2[._]to_k")
@@ -403,12 +425,37 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a LoRA .safetensors file (pickles are refused: they can run code).
+class MappedFile:
+    """A LoRA file mapped copy-on-write (never written to): its tensors are views of the mapping.
 
-    Read with plain file reads into the final tensors, not memory-mapped: while the LoRA stays loaded
-    its file's pages are not also counted in the process's memory.
+    `release()` drops this process's pages of it (MADV_DONTNEED). The data stays in the page cache, so
+    the next patch or undo maps it back without a disk read, while between uses the process's resident
+    memory holds no copy of the LoRA. `unchanged()` says whether the file on disk is still the one mapped
+    (a file rewritten in place must not be touched through the old mapping).
     """
+
+    def __init__(self, path: Path, f):
+        self.path = path
+        st = os.fstat(f.fileno())
+        self.stat = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def release(self) -> None:
+        if hasattr(self.map, "madvise"):  # Linux, macOS; elsewhere the pages simply stay
+            self.map.madvise(mmap.MADV_DONTNEED)
+
+    def unchanged(self) -> bool:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return (st.st_ino, st.st_size, st.st_mtime_ns) == self.stat
+
+
+def map_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], MappedFile]:
+    """All tensors of a LoRA .safetensors file as views of its mapping (pickles are refused: they can run
+    code). The header and every tensor's extent are checked against the file's size first."""
     import json
 
     from .checkpoint import _check_file
@@ -420,40 +467,52 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except CheckpointError as e:
         raise LoraError(str(e).replace("checkpoint", "LoRA")) from None
     size = p.stat().st_size
-    out: dict[str, torch.Tensor] = {}
     with open(p, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise LoraError(f"{p}: the safetensors header length ({n}) does not fit the file (truncated download?)")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise LoraError(f"{p}: the safetensors header is not valid JSON ({e})") from None
-        base = 8 + n
-        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                 key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _ST_DTYPES.get(info.get("dtype"))
-            start, end = info["data_offsets"]
-            shape = info["shape"]
-            if dtype is None:
-                raise LoraError(f"{p}: tensor {name} has dtype {info.get('dtype')}, which LoRAs here cannot use")
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            if end - start != numel * torch.empty((), dtype=dtype).element_size() or base + end > size:
-                raise LoraError(f"{p}: tensor {name} does not fit the file (truncated download?)")
-            buf = torch.empty(end - start, dtype=torch.uint8)
-            f.seek(base + start)
-            if f.readinto(memoryview(buf.numpy())) != end - start:
-                raise LoraError(f"{p}: file ends inside tensor {name} (truncated download?)")
-            out[name] = buf.view(dtype).reshape(shape)
+        mapped = MappedFile(p, f)
+    if not isinstance(header, dict):
+        raise LoraError(f"{p}: the safetensors header is not a table of tensors")
+    base = 8 + n
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise LoraError(f"{p}: tensor {name} has dtype {info.get('dtype')}, which LoRAs here cannot use")
+        start, end = info["data_offsets"]
+        shape = info["shape"]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        item = torch.empty((), dtype=dtype).element_size()
+        if end - start != numel * item or start < 0 or base + end > mapped.stat[1]:
+            raise LoraError(f"{p}: tensor {name} does not fit the file (truncated download?)")
+        raw = mapped.bytes[base + start : base + end]
+        if (base + start) % item:
+            raw = raw.clone()  # unaligned in the file: a copy of this tensor only
+        out[name] = raw.view(dtype).reshape(shape)
     if not out:
         raise LoraError(f"{p}: the file holds no tensors")
-    return out
+    return out, mapped
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a LoRA .safetensors file (views of its mapping; see `map_lora_file`)."""
+    return map_lora_file(path)[0]
 
 
 def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
     """Read and match a LoRA file; warns once with the count of keys that patch nothing."""
-    sd = read_lora_file(path)
-    lp = match(sd, cfg, str(path))
+    sd, mapped = map_lora_file(path)
+    lp = dataclasses.replace(match(sd, cfg, str(path)), file=mapped)
+    lp.release_pages()  # matching read the small tensors (alpha): nothing stays resident until patching
     if lp.unmatched:
         shown = ", ".join(lp.unmatched[:5]) + (", …" if len(lp.unmatched) > 5 else "")
         log.warning("%s: %d LoRA keys match no SDXL %s weight and are ignored: %s",
@@ -469,36 +528,217 @@ def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
 
 
 Stack = tuple[tuple[LoraPatches, float], ...]  # (LoRA, strength) in chain order
+Patches = list[tuple[Adapter, float]]  # one weight's (adapter, strength) in chain order
 RESTORE_BATCH = 4  # patched tensors re-read from the checkpoint per batch when restoring
 ROW_BLOCK_ABOVE = 1 << 20  # weights with more elements are patched in row blocks of about this size
+RELEASE_EVERY = 16  # weights patched between returns of the LoRA files' pages
+
+
+# Exact undo without a copy. Patching rounds W32 + Σ addends to the storage dtype once: p = rd(W + a).
+# Going back, g = rd(p − a) is W itself except where p's binade is above g's (there p's rounding step
+# is coarser than W's and two or more values round to the same p) or at an exact tie. So the record of
+# one weight is: for each element whose exponent field in p exceeds g's (found again, from p and the
+# addends alone, when undoing) a 2-bit code W − g ∈ {−1, 0, +1} in ordered-integer steps; every other
+# difference (a wider step, a tie, a NaN) listed with its position and value; and a checksum of W's
+# bits. Making the record checks it reproduces W bit for bit, so undo is exact as long as the addends
+# come out the same — they are recomputed by the same code on the same row blocks, and the checksum
+# is compared after undoing (a mismatch, e.g. another BLAS thread count, falls back to the file).
+# Size: about 2 bits per element where p and W sit in different binades (~1–5 % of the elements
+# for LoRA deltas 1–5 % of the weights), i.e. well under 1 % of the weight's own bytes.
+
+_BITS = {torch.float16: (torch.int16, 10, 0x1F), torch.bfloat16: (torch.int16, 7, 0xFF),
+         torch.float32: (torch.int32, 23, 0xFF)}
+_ESCAPE = 3
+
+
+def _ordered(bits: torch.Tensor) -> torch.Tensor:
+    """Sign-magnitude float bits (int16/int32 view) → integers in the floats' order (−0 just below +0)."""
+    wide = bits.to(torch.int32 if bits.dtype == torch.int16 else torch.int64)
+    mag = wide & (0x7FFF if bits.dtype == torch.int16 else 0x7FFFFFFF)
+    return torch.where(wide < 0, -mag - 1, wide)
+
+
+def _from_ordered(o: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
+    sign = -0x8000 if int_dtype == torch.int16 else -0x80000000
+    return torch.where(o < 0, (-(o + 1)) | sign, o).to(int_dtype)
+
+
+def _exponent(bits: torch.Tensor, mant: int, mask: int) -> torch.Tensor:
+    return ((bits >> mant) & mask).clamp_(min=1)  # subnormals step like the lowest normal binade
+
+
+def _guess(p: torch.Tensor, addends: list[torch.Tensor]):
+    """(g = rd(p − Σ addends) in the storage dtype, the elements where p's binade is above g's)."""
+    int_dtype, mant, mask = _BITS[p.dtype]
+    # exact differences: fp32 for 16-bit storage, fp64 when the storage is fp32 itself
+    x = p.to(torch.float64 if p.dtype == torch.float32 else torch.float32, copy=True)
+    for a in reversed(addends):
+        x -= a
+    g = x.to(p.dtype)
+    del x
+    flag = _exponent(p.view(int_dtype), mant, mask) > _exponent(g.view(int_dtype), mant, mask)
+    return g, flag
+
+
+def _checksum(bits: torch.Tensor) -> tuple[int, int]:
+    wide = bits.reshape(-1).to(torch.int64)
+    return int(wide.sum()), int((wide * wide).sum())
+
+
+@dataclass
+class _Undo:
+    """How to get one weight's file values back from its patched values (see above)."""
+
+    codes: list[torch.Tensor]  # per block: uint8, four 2-bit codes per byte, one per flagged element
+    escapes: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (flat positions in the block, values)
+    checksum: tuple[int, int]
+
+    def nbytes(self) -> int:
+        return sum(c.numel() for c in self.codes) + sum(i.numel() * 8 + v.numel() * v.element_size()
+                                                          for i, v in self.escapes)
+
+
+def _record(orig: torch.Tensor, p: torch.Tensor, addends: list[torch.Tensor]):
+    """One block's (codes, escapes): what turns g back into `orig`. Kept on the CPU (they are small)."""
+    int_dtype = _BITS[p.dtype][0]
+    g, flag = _guess(p, addends)
+    ob, gb = orig.reshape(-1).view(int_dtype), g.reshape(-1).view(int_dtype)
+    flag = flag.reshape(-1)
+    diff = _ordered(ob) - _ordered(gb)
+    del g
+    fdiff = diff[flag]
+    code = torch.where(fdiff.abs() <= 1, fdiff + 1, torch.full_like(fdiff, _ESCAPE)).to(torch.uint8)
+    wrong = torch.where(flag, diff.abs() > 1, diff != 0)  # what the codes cannot say
+    del diff
+    pos = wrong.nonzero().reshape(-1)
+    escapes = (pos.cpu(), orig.reshape(-1)[pos].cpu())
+    pad = (-code.numel()) % 4
+    if pad:
+        code = torch.cat([code, code.new_zeros(pad)])
+    q = code.reshape(-1, 4)
+    packed = q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+    return packed.cpu(), escapes
+
+
+def _replay(p: torch.Tensor, addends: list[torch.Tensor], packed: torch.Tensor,
+            escapes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The block's file values from its patched values `p` and its record (`_record`'s inverse)."""
+    int_dtype = _BITS[p.dtype][0]
+    g, flag = _guess(p, addends)
+    gb = g.reshape(-1).view(int_dtype)
+    flag = flag.reshape(-1)
+    packed = packed.to(p.device)
+    codes = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1)[: int(flag.sum())]
+    step = torch.where(codes == _ESCAPE, torch.ones_like(codes), codes).to(torch.int64) - 1  # escapes: 0
+    fixed = _from_ordered(_ordered(gb[flag]) + step, int_dtype)
+    out = gb.clone()
+    out[flag] = fixed
+    out = out.view(p.dtype)
+    pos, values = escapes
+    if pos.numel():
+        out[pos.to(p.device)] = values.to(p.device)
+    return out.reshape(p.shape)
+
+
+def _blocks(p: torch.Tensor, patches: Patches):
+    """The row blocks a weight is patched in: [(r0, r1)], or [None] for the whole weight at once."""
+    rows = p.shape[0]
+    if p.numel() > ROW_BLOCK_ABOVE and all(a.row_chunkable() for a, _ in patches):
+        step = max(1, ROW_BLOCK_ABOVE // (p.numel() // rows))
+        return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    return [None]
+
+
+def _addends(p: torch.Tensor, patches: Patches, block) -> list[torch.Tensor]:
+    if block is None:
+        return [a.addend(s, p.shape, p.device) for a, s in patches]
+    r0, r1 = block
+    shape = (r1 - r0, *p.shape[1:])
+    return [a.addend_rows(s, r0, r1, shape, p.device) for a, s in patches]
+
+
+def _patch_weight(p: torch.Tensor, patches: Patches) -> _Undo | None:
+    """Patch `p` in place (fp32, chain order, rounded once); returns its undo record, or None when it
+    cannot have one (DoRA's rescaling, a storage dtype without a record format): the file restores it."""
+    exact = p.dtype in _BITS and all(a.additive() for a, _ in patches)
+    if not exact:
+        w32 = p.detach().to(torch.float32, copy=True)
+        for adapter, strength in patches:
+            w32 = adapter.apply(w32, strength)
+        p.copy_(w32.to(p.dtype))
+        return None
+    codes, escapes = [], []
+    s1 = s2 = 0
+    for block in _blocks(p, patches):
+        view = p if block is None else p[block[0]:block[1]]
+        orig = view.clone()
+        addends = _addends(p, patches, block)
+        w32 = orig.to(torch.float32, copy=True)
+        for a in addends:
+            w32 += a
+        view.copy_(w32.to(p.dtype))
+        del w32
+        c, e = _record(orig, view, addends)
+        codes.append(c)
+        escapes.append(e)
+        b1, b2 = _checksum(orig.view(_BITS[p.dtype][0]))
+        s1, s2 = s1 + b1, s2 + b2
+    return _Undo(codes, escapes, (s1, s2))
+
+
+def _undo_weight(p: torch.Tensor, patches: Patches, undo: _Undo) -> bool:
+    """Put the file's values back into `p` from its record; False (p then holds garbage, to be re-read)
+    when the checksum disagrees."""
+    s1 = s2 = 0
+    for i, block in enumerate(_blocks(p, patches)):
+        view = p if block is None else p[block[0]:block[1]]
+        orig = _replay(view, _addends(p, patches, block), undo.codes[i], undo.escapes[i])
+        b1, b2 = _checksum(orig.view(_BITS[p.dtype][0]))
+        s1, s2 = s1 + b1, s2 + b2
+        view.copy_(orig)
+        del orig
+    return (s1, s2) == undo.checksum
 
 
 @dataclass
 class PatchState:
-    """What is applied to one module now: the stack, and which weights differ from the file."""
+    """What is applied to one module now: the stack, which weights differ from the file, and for each
+    of those its patches and undo record (None: restored from the file)."""
 
     stack: Stack = ()
     patched: frozenset[str] = frozenset()
+    applied: dict[str, Patches] = field(default_factory=dict)
+    undo: dict[str, _Undo | None] = field(default_factory=dict)
 
     def signature(self) -> tuple:
         return tuple((id(lp), float(s)) for lp, s in self.stack)
+
+    def undo_nbytes(self) -> int:
+        return sum(u.nbytes() for u in self.undo.values() if u is not None)
 
 
 def stack_signature(stack: Stack) -> tuple:
     return tuple((id(lp), float(s)) for lp, s in stack)
 
 
+def _release(stack: Stack) -> None:
+    for lp, _ in stack:
+        lp.release_pages()
+
+
 def patch_module(module: torch.nn.Module, part: str, stack: Stack,
                  restore: Callable[[Iterable[str]], dict[str, torch.Tensor]]) -> PatchState:
     """Make `module`'s weights equal the file's plus `stack`, touching only weights that change.
 
-    `restore(keys)` returns the original (as loaded) tensors of those keys. Weights patched before
-    are restored first; the state is stored on the module (`module._sdxl_patch_state`).
+    Weights patched before are first put back from their undo records (no copy of them is kept, and
+    the checkpoint is not read); `restore(keys)` returns the file's tensors of those keys, used only
+    for weights without a record (DoRA) or whose record no longer checks out. The state is stored on
+    the module (`module._sdxl_patch_state`).
     """
     state: PatchState = getattr(module, "_sdxl_patch_state", None) or PatchState()
     if state.signature() == stack_signature(stack):
         return state
-    wanted: dict[str, list[tuple[Adapter, float]]] = {}
+    wanted: dict[str, Patches] = {}
     for lp, strength in stack:
         if strength == 0.0:
             continue
@@ -508,30 +748,34 @@ def patch_module(module: torch.nn.Module, part: str, stack: Stack,
     params.update(dict(module.named_buffers()))
     with torch.no_grad():
         # 1. back to the file's values wherever anything was patched
-        keys = sorted(state.patched)
-        for i in range(0, len(keys), RESTORE_BATCH):  # a few tensors at a time: never a copy of them all
-            for key, value in restore(keys[i : i + RESTORE_BATCH]).items():
+        from_file = []
+        # a LoRA file rewritten since it was mapped can no longer give the addends: the checkpoint can
+        usable = all(lp.file is None or lp.file.unchanged() for lp, _ in state.stack)
+        if not usable and state.patched:
+            log.info("%s: a LoRA file changed on disk since it was applied; its weights are read from the "
+                     "checkpoint again", part)
+        for n, key in enumerate(sorted(state.patched)):
+            undo = state.undo.get(key) if usable else None
+            if undo is None or not _undo_weight(params[key], state.applied[key], undo):
+                if undo is not None:
+                    log.warning("%s: the LoRA undo record of %s did not reproduce the file's values; "
+                                "reading them from the file", part, key)
+                from_file.append(key)
+            if n % RELEASE_EVERY == RELEASE_EVERY - 1:
+                _release(state.stack)
+        _release(state.stack)
+        for i in range(0, len(from_file), RESTORE_BATCH):  # a few tensors at a time: never a copy of them all
+            for key, value in restore(from_file[i : i + RESTORE_BATCH]).items():
                 params[key].copy_(value)
         module._sdxl_patch_state = PatchState()
-        # 2. each weight: fp32, every patch in chain order, back to the storage dtype; large weights
+        # 2. each weight: fp32, every patch in chain order, back to the storage dtype once; large weights
         #    patched by plain LoRAs go a block of rows at a time, so the fp32 temporaries stay small
-        for key, patches in wanted.items():
-            p = params[key]
-            rows = p.shape[0]
-            if p.numel() > ROW_BLOCK_ABOVE and all(a.row_chunkable() for a, _ in patches):
-                step = max(1, ROW_BLOCK_ABOVE // (p.numel() // rows))
-                for r0 in range(0, rows, step):
-                    r1 = min(rows, r0 + step)
-                    w32 = p[r0:r1].to(torch.float32, copy=True)
-                    for adapter, strength in patches:
-                        adapter.apply_rows(w32, strength, r0, r1)
-                    p[r0:r1].copy_(w32.to(p.dtype))
-                continue
-            w32 = p.detach().to(torch.float32, copy=True)
-            for adapter, strength in patches:
-                w32 = adapter.apply(w32, strength)
-            p.copy_(w32.to(p.dtype))
-            del w32
-    new = PatchState(stack=tuple(stack), patched=frozenset(wanted))
+        undo: dict[str, _Undo | None] = {}
+        for n, (key, patches) in enumerate(wanted.items()):
+            undo[key] = _patch_weight(params[key], patches)
+            if n % RELEASE_EVERY == RELEASE_EVERY - 1:
+                _release(stack)
+        _release(stack)
+    new = PatchState(stack=tuple(stack), patched=frozenset(wanted), applied=wanted, undo=undo)
     module._sdxl_patch_state = new
     return new

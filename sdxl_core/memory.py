@@ -498,7 +498,8 @@ class ModelManager:
 
         `patches`: the LoRA stack `((LoraPatches, strength), …)` the caller wants applied (lora.py).
         The resident module is patched in place to exactly that stack; weights patched for an earlier
-        request are first re-read from the file (only those tensors), so no second copy is kept.
+        request are first put back exactly from their small undo records (lora.py), so neither a second
+        copy is kept nor the checkpoint read again.
         """
         with self._lock:
             return self._patch(path, part, self._get(path, part).module, patches)
