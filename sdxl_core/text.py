@@ -11,7 +11,9 @@ Textual-inversion embeddings (`embedding:name`, `(embedding:name:1.2)`): the fil
 stream (`clip_l` / `clip_g` tensors of an SDXL embedding) take the place of tokens, one per vector, and
 are chunked and weighted like a word (ComfyUI `sd1_clip.py` `tokenize_with_weights`, `process_tokens`:
 the vectors are spliced into the input embeddings before the position embeddings are added). They are
-read from the `embedding_dirs` of the encoders; a missing one is an error naming the folders searched.
+read from the `embedding_dirs` of the encoders as ComfyUI's `load_embed` finds and reads them: `.safetensors`,
+or `.pt`/`.bin` through PyTorch's restricted unpickler (never the unrestricted one). A missing,
+unreadable or wrong-width embedding is an error naming the file (ComfyUI skips it with a warning).
 
 Weights follow ComfyUI's `ClipTokenWeightEncoder.encode_token_weights`: when a stream has any
 weight ≠ 1, the empty prompt is encoded in the same batch and each weighted token becomes
@@ -289,8 +291,8 @@ def tokenize_prompt_pair(
     `text_l=None` uses `text_g` for both (ComfyUI's plain CLIPTextEncode). With `refiner=True` only
     the bigG stream exists and `text_l` is ignored. `embedding_dirs`: folders for `embedding:name`.
     Raises ConditioningError for a non-string text, a stream over MAX_CHUNKS chunks (or over `max_chars`
-    characters), a weight that is not finite (`(x:inf)`, `(x:nan)`), or an embedding that is missing or
-    has no vectors for a stream; `should_stop()` is polled while tokenizing (:class:`Cancelled`).
+    characters), a weight that is not finite (`(x:inf)`, `(x:nan)`), or an embedding that is missing,
+    unreadable, refused (a pickle holding more than tensors) or has no vectors for a stream; `should_stop()` is polled while tokenizing (:class:`Cancelled`).
     """
     _check_text("text_g", text_g, max_chars)
     if text_l is not None:
