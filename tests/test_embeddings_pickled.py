@@ -21,7 +21,13 @@ from test_text_encode import _randomize
 from sdxl_nodes.sdxl_core.clip import build_text_encoder
 from sdxl_nodes.sdxl_core.config import TINY_CLIP_G, TINY_CLIP_L
 from sdxl_nodes.sdxl_core.errors import ConditioningError
-from sdxl_nodes.sdxl_core.text import TextEncoders, encode_tokens, find_embedding, tokenize_prompt_pair
+from sdxl_nodes.sdxl_core.text import (
+    TextEncoders,
+    _embedding_folders,
+    encode_tokens,
+    find_embedding,
+    tokenize_prompt_pair,
+)
 from sdxl_nodes.sdxl_core.tokenizer import load_tokenizer
 
 L, G = TINY_CLIP_L.width, TINY_CLIP_G.width  # 32, 64: the tiny encoders' widths
@@ -121,6 +127,18 @@ def test_lookup_order_as_comfyui(tmp_path):
     (tmp_path / "outside.pt").write_bytes(b"")
     with pytest.raises(ConditioningError, match="not found"):  # confined to each folder, subfolders included
         find_embedding("../outside", (one / "sub",))
+
+
+def test_subfolder_walk_follows_links_once(tmp_path):
+    """ComfyUI walks subfolders following links; a link back up must not make the walk go round.
+    Catches: the seen-set dropped (the loop walked ~40 levels deep, each level listed), links not followed."""
+    top, elsewhere = tmp_path / "emb", tmp_path / "elsewhere"
+    (top / "b").mkdir(parents=True), (top / "a").mkdir(), elsewhere.mkdir()
+    (top / "a" / "up").symlink_to(top)  # a loop
+    (top / "linked").symlink_to(elsewhere)
+    (elsewhere / "far.pt").write_bytes(b"")
+    assert list(_embedding_folders((top,))) == [top, top / "a", top / "b", top / "linked"]
+    assert find_embedding("far", (top,)) == top / "linked" / "far.pt"
 
 
 def test_suffix_decides_the_reader(tmp_path, encoders):
