@@ -11,7 +11,9 @@ Textual-inversion embeddings (`embedding:name`, `(embedding:name:1.2)`): the fil
 stream (`clip_l` / `clip_g` tensors of an SDXL embedding) take the place of tokens, one per vector, and
 are chunked and weighted like a word (ComfyUI `sd1_clip.py` `tokenize_with_weights`, `process_tokens`:
 the vectors are spliced into the input embeddings before the position embeddings are added). They are
-read from the `embedding_dirs` of the encoders; a missing one is an error naming the folders searched.
+read from the `embedding_dirs` of the encoders as ComfyUI's `load_embed` finds and reads them: `.safetensors`,
+or `.pt`/`.bin` through PyTorch's restricted unpickler (never the unrestricted one). A missing,
+unreadable or wrong-width embedding is an error naming the file (ComfyUI skips it with a warning).
 
 Weights follow ComfyUI's `ClipTokenWeightEncoder.encode_token_weights`: when a stream has any
 weight ≠ 1, the empty prompt is encoded in the same batch and each weighted token becomes
@@ -22,6 +24,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +79,9 @@ class PromptTokens:
     # embedding vectors per stream; an id EMBEDDING_ID_BASE + i in a chunk stands for vector i
     g_vectors: tuple[torch.Tensor, ...] = ()
     l_vectors: tuple[torch.Tensor, ...] = ()
+    # per vector, the embedding it came from (named in the error for a vector of the wrong width)
+    g_sources: tuple[str, ...] = ()
+    l_sources: tuple[str, ...] = ()
 
     @property
     def num_chunks(self) -> int:
@@ -81,46 +89,141 @@ class PromptTokens:
 
 
 EMBEDDING_ID_BASE = 1 << 24  # token ids at or above this are embedding vectors, never vocabulary ids
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt")
+# what `embedding:name` tries after `name` itself, best first: ComfyUI's load_embed order
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def _embedding_folders(dirs):
+    """The folders searched for an embedding: each of `dirs` in order, then every subfolder of each.
+
+    ComfyUI (`expand_directory_list`) also looks in every subfolder (links followed) but keeps them in
+    a set, so its order is undefined; ours is the configured folders first, then their subfolders in
+    sorted walk order. A folder reached twice (a link loop) is walked once. Lazy: the walk only
+    happens when the top folders do not have the file.
+    """
+    dirs = [Path(d) for d in dirs]
+    yield from dirs
+    seen = {os.path.realpath(d) for d in dirs}
+    for d in dirs:
+        for root, subdirs, _files in os.walk(d, followlinks=True):
+            subdirs.sort()
+            kept = []
+            for s in subdirs:
+                real = os.path.realpath(os.path.join(root, s))
+                if real not in seen:
+                    seen.add(real)
+                    kept.append(s)
+            subdirs[:] = kept
+            if Path(root) != d:
+                yield Path(root)
 
 
 def find_embedding(name: str, dirs) -> Path:
-    """The file of `embedding:name`: `name` as given, else `name.safetensors`, in each folder in turn."""
-    tried = []
-    for d in dirs:
-        found = [p for c in (name, name + ".safetensors") if (p := inside(d, c, resolve_links=False)) and p.is_file()]
-        pickled = [p for s in PICKLE_SUFFIXES if (p := inside(d, name + s, resolve_links=False)) and p.is_file()]
-        if found and found[0].suffix.lower() not in PICKLE_SUFFIXES:
-            return found[0]
-        if found or pickled:
-            raise ConditioningError(f"embedding:{name}: only a pickled version ({(found or pickled)[0]}) was found; "
-                                    "pickles can run code when loaded, so only .safetensors embeddings are read. "
-                                    "Use a .safetensors version.")
-        tried.append(str(d))
-    where = ", ".join(tried) or "(no embeddings folder configured)"
-    raise ConditioningError(f"embedding:{name} not found: looked for '{name}' and '{name}.safetensors' in {where}. "
+    """The file of `embedding:name`, ComfyUI's lookup: in each folder in turn (`_embedding_folders`),
+    `name` as given if it is a file, else `name` + each of EMBEDDING_SUFFIXES in that order.
+
+    Names are case-sensitive where the file system is, and the suffixes are appended in lower case
+    (as in ComfyUI). Confined to the folder by `paths.inside`; links are the user's own choice there.
+    """
+    dirs = tuple(dirs)
+    for folder in _embedding_folders(dirs):
+        for candidate in (name, *(name + s for s in EMBEDDING_SUFFIXES)):
+            p = inside(folder, candidate, resolve_links=False)
+            if p is not None and p.is_file():
+                return p
+    where = ", ".join(str(d) for d in dirs) + " and their subfolders" if dirs else "(no embeddings folder configured)"
+    tried = ", ".join(f"'{name}{s}'" for s in ("", *EMBEDDING_SUFFIXES))
+    raise ConditioningError(f"embedding:{name} not found: looked for {tried} in {where}. "
                             "Put the file in the models/embeddings folder or fix the name in the prompt.")
 
 
-def load_embedding(path: Path, stream: str) -> torch.Tensor:
-    """The vectors [n, width] of one stream ('clip_l' or 'clip_g') of an embedding file, float32."""
-    from safetensors.torch import load_file
+def _read_embedding_file(path: Path):
+    """What the file holds: safetensors by its suffix (any case), anything else through PyTorch's
+    restricted unpickler (tensors and plain containers only), as ComfyUI's load_embed does.
 
+    ComfyUI reads a pickle its restricted unpickler refuses by scraping the raw storage bytes out of
+    the zip and guessing a 768 or 1024 width (SD 1.x/2.x only; never right for SDXL's 1280-wide bigG).
+    We refuse such a file instead, and never unpickle it without the restriction.
+    """
+    if path.name.lower().endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:  # safetensors' own parse errors, unreadable file
+            raise ConditioningError(f"embedding {path}: cannot read it as safetensors: {e}") from e
     try:
-        sd = load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors' own parse errors
-        raise ConditioningError(f"embedding {path}: cannot read it as safetensors: {e}") from e
-    if stream in sd:
-        t = sd[stream]
-    elif len(sd) == 1 and stream == "clip_l":  # an SD1-style single tensor (emb_params): CLIP-L only
-        t = next(iter(sd.values()))
-    else:
-        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(sd.items())[:4])
-        raise ConditioningError(f"embedding {path} has no '{stream}' tensor (it holds {shapes}); an SDXL embedding "
-                                "carries 'clip_l' [n, 768] and 'clip_g' [n, 1280] vectors")
-    if t.ndim == 0 or not t.is_floating_point():
-        raise ConditioningError(f"embedding {path}: '{stream}' is not a float tensor of vectors ({t.dtype}, {list(t.shape)})")
-    return t.reshape(-1, t.shape[-1]).float()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the restricted unpickler refused something
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # a class or function: unpickling it would run its code
+            raise ConditioningError(
+                f"embedding {path} was not loaded: besides tensors it contains other Python objects "
+                f"({found.group(1)}), and unpickling those can run code. Convert it to .safetensors (load it "
+                "where you trust it and save its tensors with safetensors.torch.save_file) or get a "
+                ".safetensors version of it.") from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise ConditioningError(f"embedding {path}: cannot read it as a PyTorch (.pt/.bin) file ({reason}); "
+                                "re-download or re-export the embedding.") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:
+        # what torch.load raises for a file that is not a PyTorch save (bad magic number, bad zip, text)
+        raise ConditioningError(f"embedding {path}: cannot read it as a PyTorch (.pt/.bin) file "
+                                f"({type(e).__name__}: {e}); only names ending in .safetensors are read as "
+                                "safetensors. Re-download or re-export the embedding.") from None
+
+
+def _pick_vectors(data, stream: str) -> tuple[str, object]:
+    """(where in the file, value) of the vectors ComfyUI's load_embed takes for `stream` (its `embed_key`).
+
+    In order: A1111's `string_to_param` (its first entry, whatever the stream); the stream's own key
+    (`clip_l` / `clip_g` of an SDXL file); the embeddings bundled in a LoRA file (`bundle_emb.*`,
+    concatenated); else the file's first entry (`emb_params`, diffusers' `{token: vector}`). A bare
+    tensor is taken as it is (ComfyUI v0.8.0 raises on one). A tensor of the wrong width for the
+    stream is refused when the prompt is encoded, where the encoder's width is known.
+    """
+    if isinstance(data, torch.Tensor):
+        return "the saved tensor", data
+    if not isinstance(data, dict):  # ComfyUI also reads a list of dicts, keeping the tensors of the stream's
+        # width; no tool we know writes one, and the width is only known when the prompt is encoded
+        raise ConditioningError(f"it holds a {type(data).__name__}, not a dict of tensors or a tensor")
+    if not data:
+        raise ConditioningError("it holds an empty dict")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or not params:
+            raise ConditioningError(f"its 'string_to_param' is {type(params).__name__}, not a dict holding a tensor")
+        key = next(iter(params))
+        return f"string_to_param[{key!r}]", params[key]
+    if stream in data:
+        return repr(stream), data[stream]
+    for tail in (".string_to_param.*", f".{stream}"):  # ComfyUI's bundled_embed
+        keys = [k for k in data if isinstance(k, str) and k.startswith("bundle_emb.") and k.endswith(tail)]
+        if keys:
+            parts = [data[k] for k in keys]
+            if not all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in parts) or len(
+                    {t.shape[-1] for t in parts}) > 1:
+                raise ConditioningError(f"its bundled embeddings {keys[:3]} are not tensors of one width")
+            return f"bundle_emb.*{tail}", torch.cat([t.reshape(-1, t.shape[-1]) for t in parts])
+    key = next(iter(data))
+    return repr(key), data[key]
+
+
+def load_embedding(path: Path, stream: str) -> tuple[torch.Tensor, str]:
+    """The vectors [n, width] float32 of one stream ('clip_l' or 'clip_g') of an embedding file, and
+    where they came from (file and entry, for error messages)."""
+    data = _read_embedding_file(path)
+    try:
+        where, t = _pick_vectors(data, stream)
+    except ConditioningError as e:
+        raise ConditioningError(f"embedding {path}: {e}; an SDXL embedding carries 'clip_l' [n, 768] and "
+                                "'clip_g' [n, 1280] tensors") from None
+    if not isinstance(t, torch.Tensor) or t.ndim == 0 or not t.is_floating_point() or t.numel() == 0:
+        got = f"{t.dtype}, {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ConditioningError(f"embedding {path}: {where} (taken for {stream}) is not a float tensor of vectors "
+                                f"({got}); an SDXL embedding carries 'clip_l' [n, 768] and 'clip_g' [n, 1280] tensors")
+    # a 1-D vector (diffusers' learned_embeds.bin) is one token: [width] → [1, width]
+    return t.reshape(-1, t.shape[-1]).float(), f"{where} {list(t.shape)} in {path}"
 
 
 class _StreamTokenizer:
@@ -129,7 +232,8 @@ class _StreamTokenizer:
     def __init__(self, tokenizer: CLIPBPETokenizer, stream: str, dirs):
         self.tokenizer, self.stream, self.dirs = tokenizer, stream, tuple(dirs)
         self.vectors: list[torch.Tensor] = []
-        self._files: dict[str, torch.Tensor] = {}
+        self.sources: list[str] = []  # per vector: which embedding it came from (for the width check)
+        self._files: dict[str, tuple[torch.Tensor, str]] = {}
 
     def encode(self, text: str) -> list[int]:
         if not text.startswith(EMBEDDING_PREFIX) or text == EMBEDDING_PREFIX:
@@ -137,8 +241,10 @@ class _StreamTokenizer:
         name = text[len(EMBEDDING_PREFIX):]
         if name not in self._files:
             self._files[name] = load_embedding(find_embedding(name, self.dirs), self.stream)
+        vectors, where = self._files[name]
         first = EMBEDDING_ID_BASE + len(self.vectors)
-        self.vectors.extend(self._files[name])
+        self.vectors.extend(vectors)
+        self.sources.extend([f"embedding:{name} ({where})"] * len(vectors))
         return list(range(first, EMBEDDING_ID_BASE + len(self.vectors)))
 
 
@@ -185,8 +291,8 @@ def tokenize_prompt_pair(
     `text_l=None` uses `text_g` for both (ComfyUI's plain CLIPTextEncode). With `refiner=True` only
     the bigG stream exists and `text_l` is ignored. `embedding_dirs`: folders for `embedding:name`.
     Raises ConditioningError for a non-string text, a stream over MAX_CHUNKS chunks (or over `max_chars`
-    characters), a weight that is not finite (`(x:inf)`, `(x:nan)`), or an embedding that is missing or
-    has no vectors for a stream; `should_stop()` is polled while tokenizing (:class:`Cancelled`).
+    characters), a weight that is not finite (`(x:inf)`, `(x:nan)`), or an embedding that is missing,
+    unreadable, refused (a pickle holding more than tensors) or has no vectors for a stream; `should_stop()` is polled while tokenizing (:class:`Cancelled`).
     """
     _check_text("text_g", text_g, max_chars)
     if text_l is not None:
@@ -196,19 +302,20 @@ def tokenize_prompt_pair(
     if refiner:
         if text_l is not None and text_l != text_g:
             log.debug("refiner text encoder has no CLIP-L: text_l ignored")
-        return PromptTokens(tuple(g), None, g_vectors=tuple(tok_g.vectors))
+        return PromptTokens(tuple(g), None, g_vectors=tuple(tok_g.vectors), g_sources=tuple(tok_g.sources))
     tok_l = _StreamTokenizer(tokenizer, "clip_l", embedding_dirs)
     l = _tokenize_stream("text_l", text_g if text_l is None else text_l, tok_l, PAD_L, should_stop)
     k = max(len(g), len(l))
     g += [empty_chunk(PAD_G)] * (k - len(g))
     l += [empty_chunk(PAD_L)] * (k - len(l))
-    return PromptTokens(tuple(g), tuple(l), g_vectors=tuple(tok_g.vectors), l_vectors=tuple(tok_l.vectors))
+    return PromptTokens(tuple(g), tuple(l), g_vectors=tuple(tok_g.vectors), l_vectors=tuple(tok_l.vectors),
+                        g_sources=tuple(tok_g.sources), l_sources=tuple(tok_l.sources))
 
 
 def _encode_stream(
     model: CLIPTextModel | CLIPTextModelWithProjection, chunks: tuple[TokenChunk, ...], pad_token: int,
     layer: int = -2,
-    vectors: tuple[torch.Tensor, ...] = (),
+    vectors: tuple[torch.Tensor, ...] = (), sources: tuple[str, ...] = (), stream: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """k chunks → (hidden states of `layer` [k, 77, D] float32 weighted, pooled of chunk 0 [1, P] | None).
 
@@ -224,10 +331,14 @@ def _encode_stream(
     hook = None
     if vectors:
         width = embed.weight.shape[1]
-        bad = [v.shape[-1] for v in vectors if v.shape[-1] != width]
-        if bad:
-            raise ConditioningError(f"an embedding in the prompt has {bad[0]}-wide vectors but this text encoder "
-                                    f"takes {width}: it was made for another model")
+        bad = [i for i, v in enumerate(vectors) if v.shape[-1] != width]
+        if bad:  # ComfyUI drops such an embedding with a warning; we say so and stop
+            what = sources[bad[0]] if bad[0] < len(sources) else "an embedding in the prompt"
+            raise ConditioningError(
+                f"{what} has {vectors[bad[0]].shape[-1]}-wide vectors for the {stream or 'text'} encoder, which "
+                f"takes {width}-wide ones: it was made for another model (SDXL embeddings carry 'clip_l' [n, 768] "
+                "and 'clip_g' [n, 1280]; an SD 1.x one is 768 wide, CLIP-L only). Use an embedding made for "
+                "this model.")
         is_vec = ids >= EMBEDDING_ID_BASE
         slots = (ids - EMBEDDING_ID_BASE)[is_vec]
         table = torch.stack(vectors).to(device)
@@ -269,9 +380,11 @@ def encode_tokens(encoders: TextEncoders, tokens: PromptTokens, layer: int = -2)
                                 f"tokenize with refiner={encoders.is_refiner}")
     device = next(encoders.clip_g.parameters()).device
     with torch.inference_mode(), sdpa_backends(device):
-        z_g, pooled = _encode_stream(encoders.clip_g, tokens.g, PAD_G, layer, tokens.g_vectors)
+        z_g, pooled = _encode_stream(encoders.clip_g, tokens.g, PAD_G, layer, tokens.g_vectors, tokens.g_sources,
+                                      "clip_g")
         if tokens.l is not None:
-            z_l, _ = _encode_stream(encoders.clip_l, tokens.l, PAD_L, layer, tokens.l_vectors)
+            z_l, _ = _encode_stream(encoders.clip_l, tokens.l, PAD_L, layer, tokens.l_vectors, tokens.l_sources,
+                                   "clip_l")
             z = torch.cat([z_l, z_g.to(z_l.device)], dim=-1)  # (k, 77, 768 + 1280): CLIP-L first
         else:
             z = z_g
