@@ -152,9 +152,11 @@ def main() -> None:
     changed = [not torch.equal(unet.state_dict()[k], before[k]) for k in keys]
     print(f"after patch: weights changed {changed}, unet patched tensors "
           f"{len(unet._sdxl_patch_state.patched)}", file=sys.stderr)
-    undo_bytes = sum(m.get(ckpt, p)._sdxl_patch_state.undo_nbytes() for p in ("unet", "clip_l", "clip_g"))
-    patched_bytes = sum(t.numel() * t.element_size() for p in ("unet", "clip_l", "clip_g")
-                        for k, t in m.get(ckpt, p).state_dict().items() if k in m.get(ckpt, p)._sdxl_patch_state.patched)
+    modules = {p: m.get(ckpt, p, ((lp, 1.0),)) for p in ("unet", "clip_l", "clip_g")}  # as patched: no change
+    undo_bytes = sum(mod._sdxl_patch_state.undo_nbytes() for mod in modules.values())
+    patched_bytes = sum(t.numel() * t.element_size() for mod in modules.values()
+                        for k, t in mod.state_dict().items() if k in mod._sdxl_patch_state.patched)
+    del modules
     with PeakRSS() as restrength:
         m.get(ckpt, "unet", ((lp, 0.5),))
     print(f"after strength change: unet patched tensors {len(unet._sdxl_patch_state.patched)}", file=sys.stderr)

@@ -32,6 +32,7 @@ import logging
 import mmap
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -546,8 +547,7 @@ RELEASE_EVERY = 16  # weights patched between returns of the LoRA files' pages
 # Size: about 2 bits per element where p and W sit in different binades (~1–5 % of the elements
 # for LoRA deltas 1–5 % of the weights), i.e. well under 1 % of the weight's own bytes.
 
-_BITS = {torch.float16: (torch.int16, 10, 0x1F), torch.bfloat16: (torch.int16, 7, 0xFF),
-         torch.float32: (torch.int32, 23, 0xFF)}
+_BITS = {torch.float16: (torch.int16, 10), torch.bfloat16: (torch.int16, 7), torch.float32: (torch.int32, 23)}
 _ESCAPE = 3
 
 
@@ -563,26 +563,31 @@ def _from_ordered(o: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
     return torch.where(o < 0, (-(o + 1)) | sign, o).to(int_dtype)
 
 
-def _exponent(bits: torch.Tensor, mant: int, mask: int) -> torch.Tensor:
-    return ((bits >> mant) & mask).clamp_(min=1)  # subnormals step like the lowest normal binade
-
-
 def _guess(p: torch.Tensor, addends: list[torch.Tensor]):
-    """(g = rd(p − Σ addends) in the storage dtype, the elements where p's binade is above g's)."""
-    int_dtype, mant, mask = _BITS[p.dtype]
+    """(g = rd(p − Σ addends) as the storage's integer bits, flat; the flat positions where p's
+    exponent field is above g's). Everything here is whole-block work: kept to a few in-place passes."""
+    int_dtype, mant = _BITS[p.dtype]
     # exact differences: fp32 for 16-bit storage, fp64 when the storage is fp32 itself
-    x = p.to(torch.float64 if p.dtype == torch.float32 else torch.float32, copy=True)
+    x = p.reshape(-1).to(torch.float64 if p.dtype == torch.float32 else torch.float32, copy=True)
     for a in reversed(addends):
-        x -= a
-    g = x.to(p.dtype)
+        x -= a.reshape(-1)
+    gb = x.to(p.dtype).view(int_dtype)
     del x
-    flag = _exponent(p.view(int_dtype), mant, mask) > _exponent(g.view(int_dtype), mant, mask)
-    return g, flag
+    magnitude = 0x7FFF if int_dtype == torch.int16 else 0x7FFFFFFF
+    ep = p.reshape(-1).view(int_dtype) & magnitude
+    ep >>= mant
+    eg = gb & magnitude
+    eg >>= mant
+    flagged = torch.gt(ep, eg).nonzero().reshape(-1)
+    return gb, flagged
 
 
-def _checksum(bits: torch.Tensor) -> tuple[int, int]:
+def _checksum(bits: torch.Tensor) -> int:
+    """A checksum of a block's bits: adler32 of its bytes on the CPU, sums of the integers elsewhere."""
+    if bits.device.type == "cpu":
+        return zlib.adler32(bits.contiguous().reshape(-1).numpy().view("uint8"))
     wide = bits.reshape(-1).to(torch.int64)
-    return int(wide.sum()), int((wide * wide).sum())
+    return hash((int(wide.sum()), int((wide * wide).sum())))
 
 
 @dataclass
@@ -590,28 +595,26 @@ class _Undo:
     """How to get one weight's file values back from its patched values (see above)."""
 
     codes: list[torch.Tensor]  # per block: uint8, four 2-bit codes per byte, one per flagged element
-    escapes: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (flat positions in the block, values)
-    checksum: tuple[int, int]
+    escapes: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (int32 flat positions, values)
+    checksums: list[int]  # per block, of the file's bits
 
     def nbytes(self) -> int:
-        return sum(c.numel() for c in self.codes) + sum(i.numel() * 8 + v.numel() * v.element_size()
+        return sum(c.numel() for c in self.codes) + sum(i.numel() * i.element_size() + v.numel() * v.element_size()
                                                           for i, v in self.escapes)
 
 
 def _record(orig: torch.Tensor, p: torch.Tensor, addends: list[torch.Tensor]):
     """One block's (codes, escapes): what turns g back into `orig`. Kept on the CPU (they are small)."""
     int_dtype = _BITS[p.dtype][0]
-    g, flag = _guess(p, addends)
-    ob, gb = orig.reshape(-1).view(int_dtype), g.reshape(-1).view(int_dtype)
-    flag = flag.reshape(-1)
-    diff = _ordered(ob) - _ordered(gb)
-    del g
-    fdiff = diff[flag]
-    code = torch.where(fdiff.abs() <= 1, fdiff + 1, torch.full_like(fdiff, _ESCAPE)).to(torch.uint8)
-    wrong = torch.where(flag, diff.abs() > 1, diff != 0)  # what the codes cannot say
-    del diff
-    pos = wrong.nonzero().reshape(-1)
-    escapes = (pos.cpu(), orig.reshape(-1)[pos].cpu())
+    gb, flagged = _guess(p, addends)
+    ob = orig.reshape(-1).view(int_dtype)
+    off = _ordered(ob[flagged]) - _ordered(gb[flagged])  # W − g in steps, where p's step is coarser
+    code = torch.where(off.abs() <= 1, off + 1, torch.full_like(off, _ESCAPE)).to(torch.uint8)
+    wrong = torch.ne(ob, gb)  # elsewhere g must be W itself
+    wrong[flagged] = False
+    pos = torch.cat([flagged[off.abs() > 1], wrong.nonzero().reshape(-1)])
+    del wrong, gb
+    escapes = (pos.to(device="cpu", dtype=torch.int32), orig.reshape(-1)[pos].cpu())
     pad = (-code.numel()) % 4
     if pad:
         code = torch.cat([code, code.new_zeros(pad)])
@@ -624,19 +627,15 @@ def _replay(p: torch.Tensor, addends: list[torch.Tensor], packed: torch.Tensor,
             escapes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The block's file values from its patched values `p` and its record (`_record`'s inverse)."""
     int_dtype = _BITS[p.dtype][0]
-    g, flag = _guess(p, addends)
-    gb = g.reshape(-1).view(int_dtype)
-    flag = flag.reshape(-1)
+    gb, flagged = _guess(p, addends)
     packed = packed.to(p.device)
-    codes = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1)[: int(flag.sum())]
+    codes = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1)[: flagged.numel()]
     step = torch.where(codes == _ESCAPE, torch.ones_like(codes), codes).to(torch.int64) - 1  # escapes: 0
-    fixed = _from_ordered(_ordered(gb[flag]) + step, int_dtype)
-    out = gb.clone()
-    out[flag] = fixed
-    out = out.view(p.dtype)
+    gb[flagged] = _from_ordered(_ordered(gb[flagged]) + step, int_dtype)
+    out = gb.view(p.dtype)
     pos, values = escapes
     if pos.numel():
-        out[pos.to(p.device)] = values.to(p.device)
+        out[pos.to(device=p.device, dtype=torch.int64)] = values.to(p.device)
     return out.reshape(p.shape)
 
 
@@ -667,8 +666,7 @@ def _patch_weight(p: torch.Tensor, patches: Patches) -> _Undo | None:
             w32 = adapter.apply(w32, strength)
         p.copy_(w32.to(p.dtype))
         return None
-    codes, escapes = [], []
-    s1 = s2 = 0
+    codes, escapes, sums = [], [], []
     for block in _blocks(p, patches):
         view = p if block is None else p[block[0]:block[1]]
         orig = view.clone()
@@ -676,28 +674,26 @@ def _patch_weight(p: torch.Tensor, patches: Patches) -> _Undo | None:
         w32 = orig.to(torch.float32, copy=True)
         for a in addends:
             w32 += a
-        view.copy_(w32.to(p.dtype))
+        view.copy_(w32)  # rounded once, to the storage dtype
         del w32
         c, e = _record(orig, view, addends)
         codes.append(c)
         escapes.append(e)
-        b1, b2 = _checksum(orig.view(_BITS[p.dtype][0]))
-        s1, s2 = s1 + b1, s2 + b2
-    return _Undo(codes, escapes, (s1, s2))
+        sums.append(_checksum(orig.view(_BITS[p.dtype][0])))
+    return _Undo(codes, escapes, sums)
 
 
 def _undo_weight(p: torch.Tensor, patches: Patches, undo: _Undo) -> bool:
     """Put the file's values back into `p` from its record; False (p then holds garbage, to be re-read)
-    when the checksum disagrees."""
-    s1 = s2 = 0
+    when a block's checksum disagrees."""
+    ok = True
     for i, block in enumerate(_blocks(p, patches)):
         view = p if block is None else p[block[0]:block[1]]
         orig = _replay(view, _addends(p, patches, block), undo.codes[i], undo.escapes[i])
-        b1, b2 = _checksum(orig.view(_BITS[p.dtype][0]))
-        s1, s2 = s1 + b1, s2 + b2
+        ok = ok and _checksum(orig.view(_BITS[p.dtype][0])) == undo.checksums[i]
         view.copy_(orig)
         del orig
-    return (s1, s2) == undo.checksum
+    return ok
 
 
 @dataclass

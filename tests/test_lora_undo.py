@@ -72,8 +72,7 @@ def test_record_gives_back_the_exact_weight(dtype, rel, blocks, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_record_is_small_for_a_usual_lora(dtype):
     """A LoRA of 1 % of the weights: the record is a few bits per element in changed binades, not a
-    copy. Catches: keeping a dense backup, escaping every changed element, fp32 storage's guess made
-    in fp32 (then most elements are off by one step and escaped)."""
+    copy. Catches: keeping a dense backup, escaping every changed element."""
     w = weight(dtype, rows=512, cols=640)
     patches = stack_for(w, 0.01)[:1]
     p = w.clone()
