@@ -63,15 +63,15 @@ class PeakRSS:
         self.added = self.peak - self.start
 
 
-def write_lora(path: Path, rank: int = 128) -> Path:
-    """A kohya-format LoRA (fp16, alpha = rank/2) on the usual SDXL LoRA targets."""
+def write_lora(path: Path, rank: int = 128, seed: int = 0) -> Path:
+    """A kohya-format LoRA (fp16, alpha = rank/2) on the usual SDXL LoRA targets; random from `seed`."""
     from safetensors.torch import save_file
 
     from sdxl_nodes.sdxl_core.checkpoint import build_modules
     from sdxl_nodes.sdxl_core.config import BASE
 
     mods = build_modules(BASE)  # meta: names and shapes only
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     sd = {}
 
     def add(name, out_f, in_f):

@@ -203,9 +203,10 @@ def _run_ours(args, prompt_file: Path, out: Path, extra: list[str]) -> dict:
     return {"wall": wall, "rss": rss, "ready": float("nan")}
 
 
-def _run_comfyui(args, prompt: dict, out: Path) -> dict:
+def _run_comfyui(args, prompt: dict, out: Path, folders: tuple[str, ...] = ("checkpoints",)) -> dict:
     """Start ComfyUI's server on a free port, queue `prompt`, poll /history until it is done; whole process
-    time from the start of the interpreter to the finished prompt (its shutdown is not counted)."""
+    time from the start of the interpreter to the finished prompt (its shutdown is not counted).
+    `folders`: the model folders under `args.dir / 'models'` that ComfyUI is pointed at."""
     import json
     import signal
     import socket
@@ -217,7 +218,7 @@ def _run_comfyui(args, prompt: dict, out: Path) -> dict:
         port = s.getsockname()[1]
     (out / "user").mkdir(exist_ok=True)  # --user-directory must exist
     paths = out / "extra_model_paths.yaml"
-    paths.write_text(f"bench:\n    base_path: {args.dir / 'models'}\n    checkpoints: checkpoints\n")
+    paths.write_text(f"bench:\n    base_path: {args.dir / 'models'}\n" + "".join(f"    {f}: {f}\n" for f in folders))
     cmd = [str(args.comfyui_python), str(args.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
            str(port), "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--output-directory",
            str(out), "--temp-directory", str(out / "temp"), "--user-directory", str(out / "user"),
