@@ -223,19 +223,28 @@ class Adapter:
         """The patch is `W32 += addend` (every kind but DoRA, whose rescaling depends on W itself)."""
         return self.dora_scale is None
 
-    def addend_rows(self, strength: float, r0: int, r1: int, shape: torch.Size, device) -> torch.Tensor:
-        """What `apply` adds to rows r0:r1 of the weight (float32, `shape` = those rows' shape)."""
+    def raw_rows(self, r0: int, r1: int, shape: torch.Size, device) -> tuple[torch.Tensor, float]:
+        """(T, f) such that rows r0:r1 of the addend at `strength` are (strength · f) · T (float32)."""
         up = self.tensors["up"][r0:r1].to(device=device, dtype=torch.float32)
         down = self.tensors["down"].to(device=device, dtype=torch.float32)
         scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
-        return (strength * scale) * torch.mm(up.flatten(1), down.flatten(1)).reshape(shape)
+        return torch.mm(up.flatten(1), down.flatten(1)).reshape(shape), scale
+
+    def raw(self, shape: torch.Size, device) -> tuple[torch.Tensor, float]:
+        """(T, f) such that the whole weight's addend at `strength` is (strength · f) · T; additive kinds."""
+        if self.kind == "diff":
+            return self.delta(shape, device), 1.0
+        return self.delta(shape, device)
+
+    def addend_rows(self, strength: float, r0: int, r1: int, shape: torch.Size, device) -> torch.Tensor:
+        """What `apply` adds to rows r0:r1 of the weight (float32, `shape` = those rows' shape)."""
+        t, f = self.raw_rows(r0, r1, shape, device)
+        return (strength * f) * t
 
     def addend(self, strength: float, shape: torch.Size, device) -> torch.Tensor:
         """What `apply` adds to the whole weight (float32); additive kinds only."""
-        if self.kind == "diff":
-            return strength * self.delta(shape, device)
-        d, scale = self.delta(shape, device)
-        return (strength * scale) * d
+        t, f = self.raw(shape, device)
+        return (strength * f) * t
 
     def apply_rows(self, w32: torch.Tensor, strength: float, r0: int, r1: int) -> None:
         """`apply` on rows r0:r1 of the weight only (w32 holds just those rows)."""
@@ -654,12 +663,30 @@ def _blocks(p: torch.Tensor, patches: Patches):
     return [None]
 
 
-def _addends(p: torch.Tensor, patches: Patches, block) -> list[torch.Tensor]:
+def _raws(p: torch.Tensor, patches: Patches, block) -> list[tuple[torch.Tensor, float]]:
     if block is None:
-        return [a.addend(s, p.shape, p.device) for a, s in patches]
+        return [a.raw(p.shape, p.device) for a, _ in patches]
     r0, r1 = block
     shape = (r1 - r0, *p.shape[1:])
-    return [a.addend_rows(s, r0, r1, shape, p.device) for a, s in patches]
+    return [a.raw_rows(r0, r1, shape, p.device) for a, _ in patches]
+
+
+def _addends(p: torch.Tensor, patches: Patches, block, raws=None) -> list[torch.Tensor]:
+    """Each patch's float32 addend for `block` (computed as `Adapter.addend` does, bit for bit)."""
+    raws = raws if raws is not None else _raws(p, patches, block)
+    return [(s * f) * t for (t, f), (_, s) in zip(raws, patches)]
+
+
+def _patch_block(p: torch.Tensor, view: torch.Tensor, addends: list[torch.Tensor]):
+    """Patch one block in place; (codes, escapes, checksum) of its record."""
+    orig = view.clone()
+    w32 = orig.to(torch.float32, copy=True)
+    for a in addends:
+        w32 += a
+    view.copy_(w32)  # rounded once, to the storage dtype
+    del w32
+    c, e = _record(orig, view, addends)
+    return c, e, _checksum(orig.view(_BITS[p.dtype][0]))
 
 
 def _patch_weight(p: torch.Tensor, patches: Patches) -> _Undo | None:
@@ -675,17 +702,30 @@ def _patch_weight(p: torch.Tensor, patches: Patches) -> _Undo | None:
     codes, escapes, sums = [], [], []
     for block in _blocks(p, patches):
         view = p if block is None else p[block[0]:block[1]]
-        orig = view.clone()
-        addends = _addends(p, patches, block)
-        w32 = orig.to(torch.float32, copy=True)
-        for a in addends:
-            w32 += a
-        view.copy_(w32)  # rounded once, to the storage dtype
-        del w32
-        c, e = _record(orig, view, addends)
+        c, e, k = _patch_block(p, view, _addends(p, patches, block))
         codes.append(c)
         escapes.append(e)
-        sums.append(_checksum(orig.view(_BITS[p.dtype][0])))
+        sums.append(k)
+    return _Undo(codes, escapes, sums)
+
+
+def _repatch_weight(p: torch.Tensor, old: Patches, undo: _Undo, new: Patches) -> _Undo | None:
+    """Only the strengths changed (the same adapters, in the same order): undo and patch again block by
+    block, computing each adapter's product once for both. None when a block's record does not check
+    out (the caller then reads the weight from the file and patches it afresh)."""
+    codes, escapes, sums = [], [], []
+    for i, block in enumerate(_blocks(p, new)):
+        view = p if block is None else p[block[0]:block[1]]
+        raws = _raws(p, new, block)
+        orig = _replay(view, _addends(p, old, block, raws), undo.codes[i], undo.escapes[i])
+        if _checksum(orig.view(_BITS[p.dtype][0])) != undo.checksums[i]:
+            return None
+        view.copy_(orig)
+        del orig
+        c, e, k = _patch_block(p, view, _addends(p, new, block, raws))
+        codes.append(c)
+        escapes.append(e)
+        sums.append(k)
     return _Undo(codes, escapes, sums)
 
 
@@ -747,6 +787,16 @@ def _release(stack: Stack) -> None:
         trim(0)
 
 
+def _same_adapters(a: Patches, b: Patches) -> bool:
+    return len(a) == len(b) and all(x is y for (x, _), (y, _) in zip(a, b))
+
+
+def _restore_from_file(params: dict, keys: list[str], restore) -> None:
+    for i in range(0, len(keys), RESTORE_BATCH):  # a few tensors at a time: never a copy of them all
+        for key, value in restore(keys[i : i + RESTORE_BATCH]).items():
+            params[key].copy_(value)
+
+
 def patch_module(module: torch.nn.Module, part: str, stack: Stack,
                  restore: Callable[[Iterable[str]], dict[str, torch.Tensor]]) -> PatchState:
     """Make `module`'s weights equal the file's plus `stack`, touching only weights that change.
@@ -768,15 +818,18 @@ def patch_module(module: torch.nn.Module, part: str, stack: Stack,
     params = dict(module.named_parameters())
     params.update(dict(module.named_buffers()))
     with torch.no_grad():
-        # 1. back to the file's values wherever anything was patched
+        # 1. back to the file's values wherever anything was patched (weights whose adapters stay the
+        #    same and only change strength are undone and re-patched together, in step 2)
         from_file = []
         # a LoRA file rewritten since it was mapped can no longer give the addends: the checkpoint can
         usable = all(lp.file is None or lp.file.unchanged() for lp, _ in state.stack)
         if not usable and state.patched:
             log.info("%s: a LoRA file changed on disk since it was applied; its weights are read from the "
                      "checkpoint again", part)
-        for n, key in enumerate(sorted(state.patched)):
-            undo = state.undo.get(key) if usable else None
+        records = {k: u for k, u in state.undo.items() if usable and u is not None}
+        fused = {k for k in wanted if k in records and _same_adapters(state.applied[k], wanted[k])}
+        for n, key in enumerate(sorted(state.patched - fused)):
+            undo = records.get(key)
             if undo is None or not _undo_weight(params[key], state.applied[key], undo):
                 if undo is not None:
                     log.warning("%s: the LoRA undo record of %s did not reproduce the file's values; "
@@ -785,14 +838,19 @@ def patch_module(module: torch.nn.Module, part: str, stack: Stack,
             if n % RELEASE_EVERY == RELEASE_EVERY - 1:
                 _release(state.stack)
         _release(state.stack)
-        for i in range(0, len(from_file), RESTORE_BATCH):  # a few tensors at a time: never a copy of them all
-            for key, value in restore(from_file[i : i + RESTORE_BATCH]).items():
-                params[key].copy_(value)
+        _restore_from_file(params, from_file, restore)
         module._sdxl_patch_state = PatchState()
         # 2. each weight: fp32, every patch in chain order, back to the storage dtype once; large weights
         #    patched by plain LoRAs go a block of rows at a time, so the fp32 temporaries stay small
         undo: dict[str, _Undo | None] = {}
         for n, (key, patches) in enumerate(wanted.items()):
+            if key in fused:
+                undo[key] = _repatch_weight(params[key], state.applied[key], records[key], patches)
+                if undo[key] is not None:
+                    continue
+                log.warning("%s: the LoRA undo record of %s did not reproduce the file's values; "
+                            "reading them from the file", part, key)
+                _restore_from_file(params, [key], restore)
             undo[key] = _patch_weight(params[key], patches)
             if n % RELEASE_EVERY == RELEASE_EVERY - 1:
                 _release(stack)

@@ -115,10 +115,16 @@ def test_strength_changes_and_removal_never_read_the_checkpoint(setup, monkeypat
     fresh = ModelManager(RuntimeOptions(unet_dtype=torch.float16, text_dtype=torch.float16))
     want = {p: _state(fresh, ckpt, p, ((la, 0.25), (lb, -2.0))) for p in ("unet", "clip_l", "clip_g")}
     _no_checkpoint_reads(monkeypatch)
+    fused = []
+    repatch = lora._repatch_weight
+    monkeypatch.setattr(lora, "_repatch_weight", lambda *a: fused.append(1) or repatch(*a))
     for part in ("unet", "clip_l", "clip_g"):
         _state(m, ckpt, part, ((la, 1.0), (lb, 0.5)))
         _state(m, ckpt, part, ((la, 7.0),))
-        got = _state(m, ckpt, part, ((la, 0.25), (lb, -2.0)))
+        _state(m, ckpt, part, ((la, 3.0), (lb, 1.0)))
+        n = len(fused)
+        got = _state(m, ckpt, part, ((la, 0.25), (lb, -2.0)))  # only strengths changed: undone and re-patched at once
+        assert len(fused) - n == len(m.get(ckpt, part, ((la, 0.25), (lb, -2.0)))._sdxl_patch_state.patched)
         assert all(torch.equal(got[k], want[part][k]) for k in got), part
         back = _state(m, ckpt, part)
         assert all(torch.equal(back[k], bits(sd[part][k])) for k in back), part
@@ -136,6 +142,22 @@ def test_a_record_that_does_not_check_out_falls_back_to_the_file(setup, monkeypa
     with caplog.at_level(logging.WARNING):
         back = _state(m, ckpt, "unet")
     assert all(torch.equal(back[k], bits(sd["unet"][k])) for k in back)
+    assert [r for r in caplog.records if "undo record" in r.getMessage() and key in r.getMessage()]
+
+
+def test_strength_change_with_a_record_that_does_not_check_out(setup, caplog):
+    """The same for a strength change (undo and re-patch in one pass): the weight is read from the file
+    and patched afresh. Catches: the fused path ignoring its checksum, or re-patching garbage."""
+    m, ckpt, sd, (la, _), _ = setup
+    key = UNET_TARGETS[1] + ".weight"
+    unet = m.get(ckpt, "unet", ((la, 1.0),))
+    with torch.no_grad():
+        unet.state_dict()[key].view(-1)[3] -= 0.25
+    with caplog.at_level(logging.WARNING):
+        got = _state(m, ckpt, "unet", ((la, 0.5),))
+    fresh = ModelManager(RuntimeOptions(unet_dtype=torch.float16, text_dtype=torch.float16))
+    want = _state(fresh, ckpt, "unet", ((fresh.lora(la.path, m.inspect(ckpt)[0]), 0.5),))
+    assert all(torch.equal(got[k], want[k]) for k in got)
     assert [r for r in caplog.records if "undo record" in r.getMessage() and key in r.getMessage()]
 
 
