@@ -844,14 +844,15 @@ def patch_module(module: torch.nn.Module, part: str, stack: Stack,
         #    patched by plain LoRAs go a block of rows at a time, so the fp32 temporaries stay small
         undo: dict[str, _Undo | None] = {}
         for n, (key, patches) in enumerate(wanted.items()):
+            undo[key] = None
             if key in fused:
                 undo[key] = _repatch_weight(params[key], state.applied[key], records[key], patches)
-                if undo[key] is not None:
-                    continue
-                log.warning("%s: the LoRA undo record of %s did not reproduce the file's values; "
-                            "reading them from the file", part, key)
-                _restore_from_file(params, [key], restore)
-            undo[key] = _patch_weight(params[key], patches)
+                if undo[key] is None:
+                    log.warning("%s: the LoRA undo record of %s did not reproduce the file's values; "
+                                "reading them from the file", part, key)
+                    _restore_from_file(params, [key], restore)
+            if undo[key] is None:
+                undo[key] = _patch_weight(params[key], patches)
             if n % RELEASE_EVERY == RELEASE_EVERY - 1:
                 _release(stack)
         _release(stack)
