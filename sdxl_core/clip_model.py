@@ -55,11 +55,17 @@ class CLIPTextOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def _embedding(rows: int, width: int) -> nn.Embedding:
+    """An nn.Embedding without its random init (the loader fills it): the default init, normal_, run on
+    `meta` costs about 1.5 s of torch's one-time set-up per process."""
+    return nn.Embedding(rows, width, _weight=torch.empty(rows, width))
+
+
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)  # learned, one row per position
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = _embedding(cfg.max_length, cfg.width)  # learned, one row per position
 
     def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if token_embeds is None:
