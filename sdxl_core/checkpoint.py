@@ -456,6 +456,8 @@ def part_nbytes(
     else:
         with TensorFile(path) as f:
             file_dtypes = {k: f.dtype(k) for k in keys}
+    if not keys:  # a part this checkpoint lacks (a refiner's clip_l): loading it raises the clear error
+        return 0
     # through the key conversion on `meta`: what the module holds, not what the file holds (bigG's
     # logit_scale and CLIP-L's position_ids are read by no module)
     prefix = _prefixes(cfg)[part]
