@@ -105,8 +105,10 @@ class RuntimeOptions:
     # checkpoint loaders start reading their UNet at once in a background thread (onto the GPU when it has
     # room, else into (pinned) RAM). True/False: always/never. None (default): on the CPU when RAM has room
     # for the whole checkpoint and CPU_PREFETCH_MARGIN more (`prefetch_unet_wanted`): there the read overlaps
-    # the text encoders' load and encode (2-core CPU, fp16 base at 256², 2 steps: 21.5 → 19.8 s, peak RSS
-    # 7.13 → 7.20 GiB); off on CUDA: on the H200 runs, with the files in the page cache, the cold graph
+    # the text encoders' load and encode (2-core CPU, fp16 base at 256², 2 steps, in-process: the ~3 s UNet
+    # load is hidden but the encode slows by ~1.5 s, so with the file in the page cache 20.9 → 20.8 s median
+    # of 3; after the cache was partly evicted 26.7 → 21.0 s; peak RSS unchanged at 7.2 GiB); off on CUDA:
+    # on the H200 runs, with the files in the page cache, the cold graph
     # took 13.1 s (into RAM) and 9.0 s (onto the GPU) with it vs 5.9 s and 7.8 s without (the read competes
     # with the main thread's own reads). On CUDA it can pay off on slow disks.
     prefetch_unet: bool | None = None
