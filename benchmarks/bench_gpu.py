@@ -20,7 +20,6 @@ skipped), writing results.json and a table to --out as it goes:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -261,6 +260,28 @@ def clip_tokenizers(folder: Path):
     return tok, tok2
 
 
+def transformers_text_encoder(ours, device, dtype):
+    """transformers' CLIPTextModel(WithProjection) with a copy of our encoder's weights (the API diffusers calls)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    c = ours.config  # sdxl_core.config.TextEncoderConfig
+    config = CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width,
+                            num_hidden_layers=c.layers, num_attention_heads=c.heads, max_position_embeddings=c.max_length,
+                            hidden_act=c.activation, layer_norm_eps=1e-5, projection_dim=c.projection_dim or c.width,
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=c.pad_token)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = (CLIPTextModelWithProjection if c.projection_dim else CLIPTextModel)(config)
+    sd = {k: v.detach().to(device, dtype, copy=True) for k, v in ours.state_dict().items()}
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5's plain CLIPTextModel
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    for name, buf in list(model.named_buffers()):  # the non-persistent position_ids, still on meta
+        owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        owner.register_buffer(leaf, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False)
+    return model.eval().requires_grad_(False)
+
+
 def diffusers_pipelines(mgr, base, refiner, device, tmp: Path):
     """(base pipeline, refiner pipeline) on the same weights, fp16 (diffusers' usual GPU setup)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -276,10 +297,10 @@ def diffusers_pipelines(mgr, base, refiner, device, tmp: Path):
     sd_r = load_file(str(refiner))
     runet = diffusers_unet(cfg_r, sd_r, device, dtype)
     del sd_r
-    # the text encoders are transformers' CLIP models either way: independent copies of ours
-    te1 = copy.deepcopy(mgr.get(base, "clip_l")).to(device, dtype)
-    te2 = copy.deepcopy(mgr.get(base, "clip_g")).to(device, dtype)
-    rte2 = copy.deepcopy(mgr.get(refiner, "clip_g")).to(device, dtype)
+    # diffusers' text encoders: transformers' CLIP models holding copies of our encoders' weights
+    te1 = transformers_text_encoder(mgr.get(base, "clip_l"), device, dtype)
+    te2 = transformers_text_encoder(mgr.get(base, "clip_g"), device, dtype)
+    rte2 = transformers_text_encoder(mgr.get(refiner, "clip_g"), device, dtype)
     tok, tok2 = clip_tokenizers(tmp / "tokenizer")
     sched = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
              "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"}

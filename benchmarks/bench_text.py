@@ -3,8 +3,8 @@
     python benchmarks/bench_text.py [--repeats 3] [--threads N]
 
 Rows: a 1-chunk and a 4-chunk prompt pair (plain and with weights) through `encode_prompt`
-(tokenize + both encoders + weighting + concatenation), and the same ids through CLIP-L and bigG's
-plain `model(input_ids)` forward on the same weights; then the tokenizer's throughput on 1,000
+(tokenize + both encoders + weighting + concatenation), and the same ids through transformers' CLIP-L
+and bigG plain `model(input_ids)` forward on copies of the same weights; then the tokenizer's throughput on 1,000
 prompts. Weights are random (meta → to_empty → normal_), so no checkpoint is needed. Never asserts.
 """
 
@@ -15,6 +15,7 @@ import random
 import time
 
 import torch
+from bench_gpu import transformers_text_encoder  # this folder is on sys.path when the script runs
 
 from sdxl_nodes.sdxl_core.clip import build_text_encoder
 from sdxl_nodes.sdxl_core.config import CLIP_G, CLIP_L, CONTEXT_LENGTH
@@ -84,7 +85,9 @@ def main() -> None:
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     enc = TextEncoders(random_encoder(CLIP_L, 1), random_encoder(CLIP_G, 2), tokenizer)
-    print(f"built full-size random CLIP-L + bigG (bf16) in {time.perf_counter() - t0:.1f} s; "
+    # transformers' models with copies of the same weights: the plain forward we are compared with
+    ref_l, ref_g = (transformers_text_encoder(m, "cpu", torch.bfloat16) for m in (enc.clip_l, enc.clip_g))
+    print(f"built full-size random CLIP-L + bigG (bf16), ours and transformers', in {time.perf_counter() - t0:.1f} s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     rng = random.Random(0)
@@ -101,8 +104,8 @@ def main() -> None:
 
         def plain(ids_l=ids_l, ids_g=ids_g):
             with torch.inference_mode():
-                enc.clip_l(input_ids=ids_l)
-                enc.clip_g(input_ids=ids_g)
+                ref_l(input_ids=ids_l)
+                ref_g(input_ids=ids_g)
 
         t_ours, t_plain = timed([lambda g=text_g, l=text_l: encode_prompt(enc, g, l), plain], args.repeats)
         print(f"| {label} | {tokens.num_chunks} | {t_ours:.3f} | {t_plain:.3f} | {t_ours / t_plain:.2f} |")

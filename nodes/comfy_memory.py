@@ -221,6 +221,11 @@ class ComfyUIModelManager(ModelManager):
                         "sdxl-nodes networks (they are still freed by sdxl-nodes' own manager)")
         self.entry = ComfyUIEntry(self, torch.device(self.options.device))
 
+    def prefetch_unet_wanted(self, path) -> bool:
+        """Only when asked: by default ComfyUI's memory management decides what is read when (no background
+        read it does not know of, also on the CPU where our own runner prefetches)."""
+        return bool(self.options.prefetch_unet)
+
     # ComfyUI logs `entry.model.model.__class__.__name__` when it unloads an entry, and compares
     # `entry.model.model` with its patchers' modules (is_clone): give it an object of ours with a clear name
     @property

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .environment import current
 from .handles import ClipRef, ModelRef
 from .schema import Combo, NodeSchema, Output, node
@@ -42,9 +40,9 @@ class CheckpointLoader:
         env = current()
         path = str(env.checkpoint_path(ckpt_name))
         config, _shapes = env.manager.inspect(path)  # strict key/shape check; loads no weights yet
-        if env.manager.options.prefetch_unet and torch.device(env.manager.options.device).type == "cuda":
-            # read the UNet into (pinned) host RAM while the prompts are encoded and the other UNet samples;
-            # only when RAM has room (the manager decides), and never twice (get() waits for this read)
+        if env.manager.prefetch_unet_wanted(path):
+            # read the UNet while the prompts are encoded (and, on CUDA, while the other UNet samples); only
+            # when RAM has room (the manager decides), and never twice (get() waits for this read)
             env.manager.prefetch(path, "unet")
         return (
             ModelRef(env.manager, path, "unet", config),

@@ -96,7 +96,7 @@ def build_environment(args):
     options = RuntimeOptions(
         device=getattr(args, "device", "auto") or "auto",  # "auto": resolved by RuntimeOptions (GPU if any)
         compile=getattr(args, "compile", None),
-        prefetch_unet=bool(getattr(args, "prefetch_unet", False)),
+        prefetch_unet=getattr(args, "prefetch_unet", None),
         unet_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
         text_dtype=DTYPES[args.dtype] if getattr(args, "dtype", None) else None,
         vae_dtype=DTYPES[args.vae_dtype] if getattr(args, "vae_dtype", None) else None,
@@ -479,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the UNet (default backend: inductor). The first step of each image "
                              "size compiles (a minute or more); later runs of that size in the same process are "
                              "faster. Best with `serve` or batches")
-        sp.add_argument("--prefetch-unet", action="store_true",
-                        help="on CUDA, start reading each checkpoint's UNet in the background as soon as its "
-                             "loader runs (helps on slow disks; with the files in the page cache it was slower)")
+        sp.add_argument("--prefetch-unet", action=argparse.BooleanOptionalAction, default=None,
+                        help="start reading each checkpoint's UNet in the background as soon as its loader runs "
+                             "(default: on the CPU when RAM has room for the whole checkpoint and 2 GiB more, "
+                             "off on CUDA, where it helps only on slow disks)")
         sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="UNet and text encoder precision (default on CPU: kept as the file stores it, "
                         "computed in fp32, the pixels of fp32 at half the memory; on CUDA: fp16)")

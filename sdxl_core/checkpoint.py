@@ -456,13 +456,14 @@ def part_nbytes(
     else:
         with TensorFile(path) as f:
             file_dtypes = {k: f.dtype(k) for k in keys}
-    total = 0
-    for k in keys:
-        numel = 1
-        for n in shapes[k]:
-            numel *= n
-        total += numel * storage_dtype(file_dtypes[k], dtype).itemsize
-    return total
+    if not keys:  # a part this checkpoint lacks (a refiner's clip_l): loading it raises the clear error
+        return 0
+    # through the key conversion on `meta`: what the module holds, not what the file holds (bigG's
+    # logit_scale and CLIP-L's position_ids are read by no module)
+    prefix = _prefixes(cfg)[part]
+    rel = {k[len(prefix):]: torch.empty(shapes[k], dtype=storage_dtype(file_dtypes[k], dtype), device="meta")
+           for k in keys}
+    return sum(t.numel() * t.element_size() for t in _to_module_keys(part, rel, _meta_module(cfg, part)).values())
 
 
 def load_checkpoint(

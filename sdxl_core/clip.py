@@ -1,73 +1,45 @@
-"""The two SDXL text encoders as `transformers` CLIP models, and the one rename table they need.
+"""The two SDXL text encoders (`clip_model.CLIPTextModel`), and the one rename table they need.
 
-CLIP ViT-L/14 is stored in the checkpoint in transformers' own layout
-(`conditioner.embedders.0.transformer.text_model.*`), so it loads as is. OpenCLIP ViT-bigG/14 is
-stored in open_clip's layout (`conditioner.embedders.{1|0}.model.*`); `openclip_to_hf` maps it with
-a strict table: q/k/v are the row blocks of `attn.in_proj_*`, and `text_projection` is used as
-`x @ P`, so the Linear weight is Pᵀ (FACTS.md §3; ComfyUI `comfy/utils.py` `clip_text_transformers_convert`).
+CLIP ViT-L/14 is stored in the checkpoint in transformers' layout
+(`conditioner.embedders.0.transformer.text_model.*`), which is our module's own, so it loads as is.
+OpenCLIP ViT-bigG/14 is stored in open_clip's layout (`conditioner.embedders.{1|0}.model.*`);
+`openclip_to_hf` maps it with a strict table: q/k/v are the row blocks of `attn.in_proj_*`, and
+`text_projection` is used as `x @ P`, so the Linear weight is Pᵀ (FACTS.md §3; ComfyUI
+`comfy/utils.py` `clip_text_transformers_convert`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # transformers costs seconds to import: loaded when an encoder is first built
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-from .config import BOS_TOKEN, EOS_TOKEN, TextEncoderConfig
+from .clip_model import CLIPTextModel
+from .config import TextEncoderConfig
 from .errors import CheckpointError
 
 # open_clip keys that carry no weight the text path uses; present in the official files.
 OPENCLIP_IGNORED = ("logit_scale",)
 
-_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
-
-def hf_config(cfg: TextEncoderConfig) -> CLIPTextConfig:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.width,
-        intermediate_size=cfg.mlp_width,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        max_position_embeddings=cfg.max_length,
-        hidden_act=_HF_ACT[cfg.activation],
-        layer_norm_eps=1e-5,
-        projection_dim=cfg.projection_dim or cfg.width,
-        bos_token_id=BOS_TOKEN,
-        eos_token_id=EOS_TOKEN,  # pooling takes the first EOS, not argmax of ids
-        pad_token_id=cfg.pad_token,
-    )
-
-
-def build_text_encoder(cfg: TextEncoderConfig) -> CLIPTextModel | CLIPTextModelWithProjection:
+def build_text_encoder(cfg: TextEncoderConfig) -> CLIPTextModel:
     """An uninitialised encoder (build it under `torch.device("meta")` and fill it with the loader)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    config = hf_config(cfg)
-    config._attn_implementation = "sdpa"
-    cls = CLIPTextModelWithProjection if cfg.projection_dim else CLIPTextModel
-    model = cls(config)
-    return model.eval().requires_grad_(False)
+    return CLIPTextModel(cfg).eval().requires_grad_(False)
 
 
 def hf_prefix(model: torch.nn.Module) -> str:
-    """'text_model.' when this transformers version nests the transformer (4.x, or WithProjection)."""
+    """'text_model.' when the module nests the transformer under that name (ours always do; transformers
+    5's plain CLIPTextModel does not)."""
     return "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
 
 
 def clip_l_to_hf(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """File keys `text_model.*` (relative to `...transformer.`) → this transformers version's keys."""
+    """File keys `text_model.*` (relative to `...transformer.`) → the module's keys."""
     prefix = hf_prefix(model)
     out = {}
     for key, value in sd.items():
         if key == "text_model.embeddings.position_ids":
-            continue  # int64 arange(77) written by transformers 4.x; the model recreates it
+            continue  # int64 arange(77) written by transformers 4.x; our model has no such buffer
         if not key.startswith("text_model."):
             out[key] = value  # reported as unexpected by the strict check
             continue
@@ -97,7 +69,7 @@ _TOP_NAMES = {
 
 
 def openclip_to_hf(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """open_clip bigG keys (relative to `...model.`) → `CLIPTextModelWithProjection` keys.
+    """open_clip bigG keys (relative to `...model.`) → the module's (transformers-named) keys.
 
     Unknown keys are passed through unchanged so the strict check reports them by name.
     """

@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES_PER = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 HOST = torch.device("cpu")
+# RAM beyond a checkpoint's networks that a CPU UNet prefetch wants free: the encode and sampling working
+# set (about 0.6 GiB at 1024²) and room for the page cache the read streams through
+CPU_PREFETCH_MARGIN = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,16 @@ class RuntimeOptions:
     # convolution weights on CUDA (cuDNN's native layout for fp16/bf16)
     compile: str | None = None
     channels_last: bool = False  # measured on an H200 (bench_gpu): NCHW 23.0 it/s, channels_last 22.3 it/s
-    # on CUDA, checkpoint loaders start reading their UNet at once in a background thread (onto the GPU
-    # when it has room, else into pinned RAM). Off by default: on the H200 runs, with the files in the page
-    # cache, the cold graph took 13.1 s (into RAM) and 9.0 s (onto the GPU) with it vs 5.9 s and 7.8 s
-    # without; the read competes with the main thread's own reads. It can pay off on slow disks.
-    prefetch_unet: bool = False
+    # checkpoint loaders start reading their UNet at once in a background thread (onto the GPU when it has
+    # room, else into (pinned) RAM). True/False: always/never. None (default): on the CPU when RAM has room
+    # for the whole checkpoint and CPU_PREFETCH_MARGIN more (`prefetch_unet_wanted`): there the read overlaps
+    # the text encoders' load and encode (2-core CPU, fp16 base at 256², 2 steps, in-process: the ~3 s UNet
+    # load is hidden but the encode slows by ~1.5 s, so with the file in the page cache 20.9 → 20.8 s median
+    # of 3; after the cache was partly evicted 26.7 → 21.0 s; peak RSS unchanged at 7.2 GiB); off on CUDA:
+    # on the H200 runs, with the files in the page cache, the cold graph
+    # took 13.1 s (into RAM) and 9.0 s (onto the GPU) with it vs 5.9 s and 7.8 s without (the read competes
+    # with the main thread's own reads). On CUDA it can pay off on slow disks.
+    prefetch_unet: bool | None = None
 
     # Most bytes of network weights kept on the GPU (None = whatever VRAM is free): a cap such as 8 GiB makes
     # a large GPU behave like a small one (the "8 GB-VRAM mode"); the reserve above comes out of it too.
@@ -573,6 +581,29 @@ class ModelManager:
         for old in [e for k, e in self._entries.items() if k[0] == key[0] and k[3] == key[3] and k != key]:
             log.info("%s changed on disk since its %s was loaded: reading it again", key[0], key[3])
             self._drop(old)
+
+    def prefetch_unet_wanted(self, path: str | os.PathLike) -> bool:
+        """Whether a checkpoint loader should start reading this checkpoint's UNet at once (`prefetch`):
+        `options.prefetch_unet` when set; by default on the CPU only, and only while available RAM holds every
+        network of the checkpoint plus the reserve and CPU_PREFETCH_MARGIN (the UNet is then read while the
+        text encoders load and encode, so all of them are in RAM at once)."""
+        if self.options.prefetch_unet is not None:
+            return self.options.prefetch_unet
+        if torch.device(self.options.device).type != "cpu":
+            return False
+        try:
+            cfg, _shapes = self.inspect(path)
+            need = sum(self._reader(path, part)[0] for part in ("unet", "vae", "clip_l", "clip_g")
+                       if part != "clip_l" or cfg.clip_l is not None)
+        except SDXLError as err:
+            log.debug("not prefetching the UNet of %s: %s", path, err)
+            return False
+        room = self._free_bytes("cpu") - self.options.reserve_bytes
+        if room < need + CPU_PREFETCH_MARGIN:
+            log.debug("not prefetching the UNet of %s: %s free in RAM, %s wanted", path, _gib(room),
+                      _gib(need + CPU_PREFETCH_MARGIN))
+            return False
+        return True
 
     def prefetch(self, path: str | os.PathLike, part: str) -> bool:
         """Start reading a network into host RAM in a background thread, so a later `get()` finds it there.

@@ -41,8 +41,8 @@ from .prompt import EMBEDDING_PREFIX, PromptTooLong, TokenChunk, empty_chunk, to
 from .tokenizer import CLIPBPETokenizer
 from .types import TextEmbedding
 
-if TYPE_CHECKING:  # imported where used: transformers costs seconds at start-up
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+if TYPE_CHECKING:
+    from .clip_model import CLIPTextModel
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ PAD_G = CLIP_G.pad_token  # 0
 class TextEncoders:
     """What a checkpoint loader returns for the text side (the `SDXL_CLIP` payload).
 
-    clip_l: CLIP ViT-L/14 (`CLIPTextModel`), None for a refiner checkpoint.
-    clip_g: OpenCLIP ViT-bigG/14 as `CLIPTextModelWithProjection`.
+    clip_l: CLIP ViT-L/14 (`clip_model.CLIPTextModel`), None for a refiner checkpoint.
+    clip_g: OpenCLIP ViT-bigG/14 (`clip_model.CLIPTextModel` with its text projection).
     tokenizer: the CLIP BPE tokenizer (`tokenizer.load_tokenizer()`), shared by both streams.
     """
 
     clip_l: CLIPTextModel | None
-    clip_g: CLIPTextModelWithProjection
+    clip_g: CLIPTextModel
     tokenizer: CLIPBPETokenizer
     embedding_dirs: tuple[Path, ...] = ()  # where `embedding:name` files are looked up, in order
 
@@ -313,7 +313,7 @@ def tokenize_prompt_pair(
 
 
 def _encode_stream(
-    model: CLIPTextModel | CLIPTextModelWithProjection, chunks: tuple[TokenChunk, ...], pad_token: int,
+    model: CLIPTextModel, chunks: tuple[TokenChunk, ...], pad_token: int,
     layer: int = -2,
     vectors: tuple[torch.Tensor, ...] = (), sources: tuple[str, ...] = (), stream: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -328,7 +328,7 @@ def _encode_stream(
     weighted = any(c.has_weights for c in chunks)
     rows = [c.ids for c in chunks] + ([empty_chunk(pad_token).ids] if weighted else [])
     ids = torch.tensor(rows, dtype=torch.long, device=device)  # (k [+1], 77)
-    hook = None
+    token_embeds = None
     if vectors:
         width = embed.weight.shape[1]
         bad = [i for i, v in enumerate(vectors) if v.shape[-1] != width]
@@ -342,26 +342,15 @@ def _encode_stream(
         is_vec = ids >= EMBEDDING_ID_BASE
         slots = (ids - EMBEDDING_ID_BASE)[is_vec]
         table = torch.stack(vectors).to(device)
-        ids = torch.where(is_vec, torch.zeros_like(ids), ids)  # any vocabulary id: its row is replaced below
-
-        def splice(_module, _inputs, out):  # the vectors take the token embeddings' place (before positions)
-            out = out.clone()
-            out[is_vec] = table[slots].to(out.dtype)
-            return out
-
-        hook = embed.register_forward_hook(splice)
-    try:
-        out = model(input_ids=ids, output_hidden_states=True)
-    finally:
-        if hook is not None:
-            hook.remove()
+        # any vocabulary id in the vectors' places (never EOS): their rows are replaced
+        token_embeds = embed(torch.where(is_vec, torch.zeros_like(ids), ids))  # (k [+1], 77, D)
+        token_embeds[is_vec] = table[slots].to(token_embeds.dtype)  # before the positions are added
+    out = model(ids, output_hidden_states=True, token_embeds=token_embeds)
     if not -len(out.hidden_states) < layer < 0:
         z = out.last_hidden_state.float()
     else:
         z = out.hidden_states[layer].float()  # (k [+1], 77, D): output of that block, no LN
-    from transformers import CLIPTextModelWithProjection
-
-    pooled = out.text_embeds[:1].float() if isinstance(model, CLIPTextModelWithProjection) else None
+    pooled = None if out.text_embeds is None else out.text_embeds[:1].float()
     if weighted:
         z, z_empty = z[:-1], z[-1:]
         w = torch.tensor([c.weights for c in chunks], dtype=torch.float32, device=device)[..., None]  # (k, 77, 1)
@@ -390,8 +379,8 @@ def encode_tokens(encoders: TextEncoders, tokens: PromptTokens, layer: int = -2)
             z = z_g
         crossattn = z.reshape(1, -1, z.shape[-1])  # (1, 77·k, D): chunks one after another
     if pooled is None:
-        raise ConditioningError(f"clip_g must be a CLIPTextModelWithProjection (bigG with its text projection), "
-                                f"got {type(encoders.clip_g).__name__}")
+        raise ConditioningError("clip_g must be bigG with its text projection (it gives the pooled vector); "
+                                "this text encoder has none")
     return TextEmbedding(crossattn=crossattn, pooled=pooled.to(crossattn.device))
 
 

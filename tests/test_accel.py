@@ -147,24 +147,43 @@ def test_channels_last_changes_layout_not_values(tiny_checkpoints):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("device,prefetch_unet,expected", [("cuda", True, True), ("cuda", False, False),
-                                                            ("cpu", True, False)])
-def test_checkpoint_loader_prefetches_the_unet_on_cuda(models_dir, tmp_path, device, prefetch_unet, expected):
-    """On CUDA a checkpoint loader starts the UNet's read at once (overlapping the refiner's read with the
-    base's work); on the CPU it must not (a prefetch there only raises peak RAM)."""
+GiB = 1024**3
+
+
+@pytest.mark.parametrize("device,prefetch_unet,free,expected", [
+    ("cuda", True, 64 * GiB, True), ("cuda", False, 64 * GiB, False), ("cuda", None, 64 * GiB, False),
+    ("cpu", None, 64 * GiB, True), ("cpu", None, 2 * GiB, False), ("cpu", False, 64 * GiB, False),
+    ("cpu", True, 64 * GiB, True),
+])
+def test_checkpoint_loader_prefetches_the_unet(models_dir, tmp_path, device, prefetch_unet, free, expected):
+    """By default a checkpoint loader starts the UNet's read at once on the CPU, when RAM holds the whole
+    checkpoint plus a 2 GiB margin (the read then overlaps the text encoders' work), and never on CUDA
+    (slower there with the files in the page cache); an explicit setting wins on either device.
+
+    Catches: the CPU default off, a prefetch with no room left for the rest (2 GiB free: under the
+    margin), the CUDA default flipped, --prefetch-unet / --no-prefetch-unet ignored."""
     import dataclasses
 
     from sdxl_nodes.nodes.loaders import CheckpointLoader
+    from sdxl_nodes.sdxl_core.memory import ModelManager
 
     env = build(models_dir=models_dir, output_dir=tmp_path / "out")
     real = env.manager
     calls = []
 
     class Recording:  # the manager as the loader sees it, on a device this machine may not have
-        options = dataclasses.replace(real.options, device=device, prefetch_unet=prefetch_unet)
+        options = dataclasses.replace(real.options, device=device, prefetch_unet=prefetch_unet, reserve_bytes=0)
+        prefetch_unet_wanted = ModelManager.prefetch_unet_wanted  # the real decision, on this stub
 
         def inspect(self, path):
             return real.inspect(path)
+
+        def _reader(self, path, part):
+            return real._reader(path, part)
+
+        def _free_bytes(self, tier):
+            assert tier == "cpu"
+            return free
 
         def prefetch(self, path, part):
             calls.append((path, part))
@@ -172,9 +191,16 @@ def test_checkpoint_loader_prefetches_the_unet_on_cuda(models_dir, tmp_path, dev
 
     env.manager = Recording()
     with use(env):
-        CheckpointLoader().run("sd_xl_refiner_1.0.safetensors")
-    want = [(str(env.checkpoint_path("sd_xl_refiner_1.0.safetensors")), "unet")] if expected else []
+        CheckpointLoader().run("sd_xl_base_1.0.safetensors")
+    want = [(str(env.checkpoint_path("sd_xl_base_1.0.safetensors")), "unet")] if expected else []
     assert calls == want
+
+
+def test_prefetch_unet_flag():
+    """--prefetch-unet / --no-prefetch-unet / neither → True / False / None (the device's default)."""
+    p = cli.build_parser()
+    args = [["run", "w.json", *a] for a in (["--prefetch-unet"], ["--no-prefetch-unet"], [])]
+    assert [p.parse_args(a).prefetch_unet for a in args] == [True, False, None]
 
 
 def test_sdpa_guard_leaves_out_cudnn_attention_on_cuda_only():
