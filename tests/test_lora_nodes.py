@@ -202,3 +202,20 @@ def test_vae_file_errors_and_fp16_fix_detection(env, tiny_checkpoints, tmp_path)
     info, _ = checkpoint.inspect_vae(vae_dir / "sdxl-vae-fp16-fix.safetensors")
     from sdxl_nodes.sdxl_core.ops import compute_dtype  # stored as the file is, computed in fp32
     assert compute_dtype(env.manager.options.device, env.manager.vae_dtype(info)) == torch.float32
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_vae_dtype_on_cuda(monkeypatch, bf16):
+    """The choice the manager makes on a GPU (no GPU needed to make it): the fp16-fix VAE in fp16, what it
+    was made for; the original SDXL VAE never in fp16 (it overflows there), bf16 where the GPU has it,
+    else fp32. Catches: the fp16-fix flag ignored, fp16 for the original VAE."""
+    from types import SimpleNamespace
+
+    from sdxl_nodes.sdxl_core.memory import ModelManager, RuntimeOptions
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    fake = SimpleNamespace(options=RuntimeOptions(device="cuda"))
+    fix, plain = SimpleNamespace(fp16_fix=True), SimpleNamespace(fp16_fix=False)
+    assert ModelManager.vae_dtype(fake, fix) == torch.float16
+    assert ModelManager.vae_dtype(fake, plain) == (torch.bfloat16 if bf16 else torch.float32)
