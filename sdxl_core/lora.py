@@ -236,19 +236,10 @@ class Adapter:
             return self.delta(shape, device), 1.0
         return self.delta(shape, device)
 
-    def addend_rows(self, strength: float, r0: int, r1: int, shape: torch.Size, device) -> torch.Tensor:
-        """What `apply` adds to rows r0:r1 of the weight (float32, `shape` = those rows' shape)."""
-        t, f = self.raw_rows(r0, r1, shape, device)
-        return (strength * f) * t
-
     def addend(self, strength: float, shape: torch.Size, device) -> torch.Tensor:
         """What `apply` adds to the whole weight (float32); additive kinds only."""
         t, f = self.raw(shape, device)
         return (strength * f) * t
-
-    def apply_rows(self, w32: torch.Tensor, strength: float, r0: int, r1: int) -> None:
-        """`apply` on rows r0:r1 of the weight only (w32 holds just those rows)."""
-        w32 += self.addend_rows(strength, r0, r1, w32.shape, w32.device)
 
     def apply(self, w32: torch.Tensor, strength: float) -> torch.Tensor:
         """w32 + strength · scale · ΔW (or DoRA's re-normalised weight); w32 is float32, updated in place."""
@@ -511,11 +502,6 @@ def map_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Map
     if not out:
         raise LoraError(f"{p}: the file holds no tensors")
     return out, mapped
-
-
-def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a LoRA .safetensors file (views of its mapping; see `map_lora_file`)."""
-    return map_lora_file(path)[0]
 
 
 def load_lora(path: str | os.PathLike, cfg: SDXLConfig) -> LoraPatches:
